@@ -1,0 +1,1 @@
+"""The mlx-bridge worker process."""

@@ -1,0 +1,82 @@
+"""The seam between the request loop and whatever runs the model.
+
+``Engine`` is satisfied by the real mlx-lm engine (:mod:`bridge.mlx_engine`)
+and by the scripted engine of :mod:`mock_worker`. The scheduler calls every
+method except :meth:`Engine.facts` and :meth:`Engine.memory` on its one
+dedicated thread; those two are read from the stdin thread and must be cheap
+and thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.replies import MemoryStats, ModelFacts, TopLogprob
+from protocol.requests import Detokenize, GenerationRequest, Load, Sampling, Tokenize
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """A generation request turned into prompt token ids, ready to run."""
+
+    tokens: tuple[int, ...]
+    sampling: Sampling
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One decoded token as the engine produced it.
+
+    ``finish_reason`` is set on the engine's last step (``stop`` for EOS,
+    ``length`` for ``max_tokens``). An EOS step has ``is_eos`` set: its token
+    is not part of the answer, though its ``text`` may flush held bytes.
+    """
+
+    text: str
+    token_id: int
+    is_eos: bool = False
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] | None = None
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+ShouldAbort = Callable[[], bool]
+
+
+class Engine(Protocol):
+    def warm_up(self) -> None:
+        """First call on the engine thread: import heavy libraries."""
+
+    def load(self, request: Load) -> ModelFacts:
+        """Load a model, replacing (and freeing) any current one."""
+
+    def unload(self) -> bool:
+        """Free the current model; False if none was loaded."""
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """Template and tokenize; raises a WireError for bad input."""
+
+    def generate(
+        self, prepared: Prepared, should_abort: ShouldAbort
+    ) -> Generator[Step, None, None]:
+        """Yield steps until finished. Checks ``should_abort`` between prefill
+        chunks and returns early (without a final step) when it says so.
+        Closing the iterator stops decoding."""
+
+    def tokenize(self, request: Tokenize) -> tuple[int, ...]: ...
+
+    def detokenize(self, request: Detokenize) -> str: ...
+
+    def facts(self) -> ModelFacts | None:
+        """The loaded model, or None. Any thread."""
+
+    def memory(self) -> MemoryStats:
+        """Current memory figures. Any thread."""
+
+    def close(self) -> None:
+        """Last call on the engine thread (release per-thread state)."""

@@ -1,0 +1,82 @@
+"""A queued request, and the promise that it ends with exactly one terminal line.
+
+A ``Job`` is shared by the stdin thread (which may cancel it) and the engine
+thread (which runs it). ``finish`` is idempotent: the first terminal line
+wins, later ones are dropped, and ``emit`` after the end writes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol.errors import Cancelled, WireError
+from protocol.replies import Done, ErrorReply, Reply, TokenEvent
+from protocol.requests import Chat, Detokenize, Generate, Info, Load, Tokenize, Unload
+
+QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Info
+Send = Callable[[Reply], None]
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Job:
+    request: QueuedRequest
+    send: Send
+    received_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _finished: bool = False
+
+    @property
+    def is_generation(self) -> bool:
+        return isinstance(self.request, Generate | Chat)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def emit(self, event: TokenEvent) -> None:
+        with self._lock:
+            if not self._finished:
+                self.send(event)
+
+    def finish(self, reply: Reply) -> bool:
+        """Write the terminal line; False if one was already written."""
+        with self._lock:
+            if self._finished:
+                return False
+            self._finished = True
+            self.send(reply)
+            return True
+
+    def fail(self, error: WireError) -> bool:
+        return self.finish(ErrorReply.of(error, self.request.id))
+
+    def finish_cancelled(self, reason: str = "cancelled") -> bool:
+        """End a job that never ran (or was cut off): ``done`` with
+        ``finish_reason: cancelled`` for generations, an error otherwise."""
+        if self.is_generation:
+            return self.finish(
+                Done(
+                    id=self.request.id,
+                    finish_reason="cancelled",
+                    tokens_generated=0,
+                    prompt_tokens=0,
+                    prompt_tps=0.0,
+                    generation_tps=0.0,
+                    ttft_ms=None,
+                    queue_ms=(time.perf_counter() - self.received_at) * 1000.0,
+                    peak_memory_bytes=0,
+                )
+            )
+        return self.fail(Cancelled(f"{reason} before it ran"))

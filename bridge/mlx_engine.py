@@ -1,0 +1,287 @@
+"""The real engine: mlx-lm models, run on the scheduler's one engine thread.
+
+MLX, mlx-lm and psutil are imported lazily (``warm_up`` runs on the engine
+thread right after start-up), so ``python -m bridge`` answers ``hello``
+before MLX has finished importing.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
+from protocol.replies import MemoryStats, ModelFacts, TopLogprob
+from protocol.requests import (
+    Chat,
+    ChatMessage,
+    Detokenize,
+    Generate,
+    GenerationRequest,
+    Load,
+    TextPart,
+    Tokenize,
+)
+
+from .engine import Prepared, ShouldAbort, Step
+from .mlx_facts import model_facts
+from .model_files import check_fits, resolve_model_dir, weights_bytes
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+log = logging.getLogger("bridge.engine")
+
+# Prompt tokens per prefill chunk. Cancel is checked between chunks, so this
+# bounds how long a cancel waits during prefill.
+DEFAULT_PREFILL_STEP = 256
+
+
+class _Aborted(Exception):
+    """Raised from mlx-lm's prompt-progress callback to stop a prefill."""
+
+
+@dataclass(slots=True)
+class _Loaded:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    facts: ModelFacts
+    weights_bytes: int
+    max_kv_size: int | None
+
+
+class MlxLmEngine:
+    def __init__(
+        self,
+        *,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        memory_budget: int | None = None,
+    ) -> None:
+        self._prefill_step_size = prefill_step_size
+        self._memory_budget = memory_budget
+        self._loaded: _Loaded | None = None
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+
+    def load(self, request: Load) -> ModelFacts:
+        directory = resolve_model_dir(request.path)
+        needed = weights_bytes(directory)
+        check_fits(needed, self._available_memory(), force=request.force)
+        self.unload()
+
+        import mlx_lm
+
+        try:
+            model, tokenizer, config = mlx_lm.load(
+                str(directory),
+                adapter_path=request.adapter_path,
+                tokenizer_config={"trust_remote_code": True} if request.trust_remote_code else None,
+                return_config=True,
+                trust_remote_code=request.trust_remote_code,
+            )
+        except Exception as exc:
+            raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
+        facts = model_facts(model, config, path=str(directory), context_len=request.context_len)
+        self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len)
+        log.info("loaded %s (%s, %d layers)", directory, facts.model_type, facts.layers)
+        return facts
+
+    def unload(self) -> bool:
+        if self._loaded is None:
+            return False
+        self._loaded = None
+        gc.collect()
+        import mlx.core as mx
+
+        mx.clear_cache()
+        return True
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        loaded = self._require(request)
+        tokenizer = loaded.tokenizer
+        match request:
+            case Generate():
+                bos = tokenizer.bos_token
+                add_special = bos is None or not request.prompt.startswith(bos)
+                tokens = tokenizer.encode(request.prompt, add_special_tokens=add_special)
+            case Chat():
+                tokens = self._chat_tokens(tokenizer, request)
+        if not tokens:
+            raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
+        return Prepared(tokens=tuple(tokens), sampling=request.sampling)
+
+    def generate(
+        self, prepared: Prepared, should_abort: ShouldAbort
+    ) -> Generator[Step, None, None]:
+        loaded = self._loaded
+        if loaded is None:
+            raise NoModel("no model loaded")
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        s = prepared.sampling
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        sampler = make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
+        processors = make_logits_processors(
+            logit_bias=dict(s.logit_bias) or None,
+            repetition_penalty=s.repetition_penalty,
+            repetition_context_size=s.repetition_context_size,
+        )
+
+        def progress(done: int, total: int) -> None:
+            if should_abort():
+                raise _Aborted
+
+        tokenizer = loaded.tokenizer
+        eos = tokenizer.eos_token_ids
+        responses = stream_generate(
+            loaded.model,
+            tokenizer,
+            mx.array(prepared.tokens),
+            max_tokens=s.max_tokens,
+            sampler=sampler,
+            logits_processors=processors or None,
+            prompt_progress_callback=progress,
+            prefill_step_size=self._prefill_step_size,
+            max_kv_size=loaded.max_kv_size,
+        )
+        try:
+            for r in responses:
+                logprob, top = _logprobs(r.logprobs, r.token, s.logprobs, tokenizer)
+                yield Step(
+                    text=r.text,
+                    token_id=r.token,
+                    is_eos=r.finish_reason == "stop" and r.token in eos,
+                    finish_reason=r.finish_reason,
+                    logprob=logprob,
+                    top_logprobs=top,
+                    prompt_tps=r.prompt_tps,
+                    generation_tps=r.generation_tps,
+                    peak_memory_bytes=int(r.peak_memory * 1e9),
+                )
+        except _Aborted:
+            return
+        finally:
+            responses.close()
+
+    def tokenize(self, request: Tokenize) -> tuple[int, ...]:
+        tokenizer = self._require(request).tokenizer
+        return tuple(tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
+
+    def detokenize(self, request: Detokenize) -> str:
+        loaded = self._require(request)
+        vocab = loaded.facts.vocab_size
+        for i, token in enumerate(request.tokens):
+            if token >= vocab:
+                raise InvalidRequest(
+                    f"tokens[{i}]: {token} is outside the vocabulary (size {vocab})",
+                    request_id=request.id,
+                )
+        return str(loaded.tokenizer.decode(list(request.tokens)))
+
+    def close(self) -> None:
+        self._loaded = None
+        mx = sys.modules.get("mlx.core")
+        if mx is not None:
+            mx.clear_streams()
+
+    # -- any thread ---------------------------------------------------------------------
+
+    def facts(self) -> ModelFacts | None:
+        loaded = self._loaded
+        return loaded.facts if loaded else None
+
+    def memory(self) -> MemoryStats:
+        import psutil
+
+        rss = int(psutil.Process().memory_info().rss)
+        mx = sys.modules.get("mlx.core")
+        if mx is None:
+            return MemoryStats(active_bytes=0, peak_bytes=0, cache_bytes=0, rss_bytes=rss)
+        return MemoryStats(
+            active_bytes=int(mx.get_active_memory()),
+            peak_bytes=int(mx.get_peak_memory()),
+            cache_bytes=int(mx.get_cache_memory()),
+            rss_bytes=rss,
+        )
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> _Loaded:
+        if self._loaded is None:
+            raise NoModel("no model loaded; send load first", request_id=request.id)
+        return self._loaded
+
+    def _available_memory(self) -> int:
+        if self._memory_budget is not None:
+            return self._memory_budget
+        import psutil
+
+        freed = self._loaded.weights_bytes if self._loaded else 0
+        return int(psutil.virtual_memory().available) + freed
+
+    def _chat_tokens(self, tokenizer: TokenizerWrapper, request: Chat) -> list[int]:
+        messages = [_template_message(m, i, request) for i, m in enumerate(request.messages)]
+        kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+        if tokenizer.has_chat_template:
+            try:
+                return list(
+                    tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+                )
+            except Exception as exc:
+                raise InvalidRequest(
+                    f"messages: the chat template failed: {exc}", request_id=request.id
+                ) from None
+        log.warning("model has no chat template; joining messages as 'role: content' lines")
+        text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages) + "assistant: "
+        return list(tokenizer.encode(text))
+
+
+def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[str, Any]:
+    if message.images:
+        raise VisionNotSupported(
+            f"messages[{index}].content: this model has no vision support; "
+            "image parts need a vision model",
+            request_id=request.id,
+        )
+    content = message.content
+    if isinstance(content, tuple):
+        content = "".join(p.text for p in content if isinstance(p, TextPart))
+    out: dict[str, Any] = {"role": message.role, "content": content}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls is not None:
+        out["tool_calls"] = list(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _logprobs(
+    logprobs: Any, token: int, top_n: int, tokenizer: TokenizerWrapper
+) -> tuple[float | None, tuple[TopLogprob, ...] | None]:
+    if top_n <= 0:
+        return None, None
+    import mlx.core as mx
+
+    order = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+    values = logprobs[order]
+    ids: list[int] = order.tolist()  # type: ignore[assignment]
+    lps: list[float] = values.tolist()
+    ranked = sorted(zip(ids, lps, strict=True), key=lambda p: -p[1])
+    top = tuple(
+        TopLogprob(token_id=int(t), token=str(tokenizer.decode([int(t)])), logprob=float(v))
+        for t, v in ranked
+    )
+    return float(logprobs[token].item()), top

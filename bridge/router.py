@@ -1,0 +1,82 @@
+"""Route decoded requests: answer the cheap ones at once, queue the rest.
+
+Runs on the stdin thread. ``hello``, ``ping``, ``info`` and ``cancel`` are
+answered here, immediately, even while the engine thread is busy; model work
+goes to the scheduler in arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from protocol.codec import decode_request
+from protocol.errors import LineTooLong, RequestId, WireError
+from protocol.replies import ErrorReply, HelloReply, Pong
+from protocol.requests import (
+    Cancel,
+    Chat,
+    Detokenize,
+    Generate,
+    Hello,
+    Info,
+    Load,
+    Ping,
+    Quit,
+    Tokenize,
+    Unload,
+)
+
+from .engine import Engine
+from .jobs import Job
+from .scheduler import SerialScheduler, info_reply
+from .stdio import LineWriter, Oversized
+
+log = logging.getLogger("bridge.router")
+
+HelloFactory = Callable[[RequestId | None], HelloReply]
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        scheduler: SerialScheduler,
+        writer: LineWriter,
+        hello: HelloFactory,
+        max_line_bytes: int,
+    ) -> None:
+        self._engine = engine
+        self._scheduler = scheduler
+        self._writer = writer
+        self._hello = hello
+        self._max_line_bytes = max_line_bytes
+
+    def dispatch(self, line: bytes | Oversized) -> Quit | None:
+        """Handle one input line; returns the ``Quit`` request when it is one."""
+        try:
+            if isinstance(line, Oversized):
+                raise LineTooLong(
+                    f"line of {line.size} bytes is over the limit of "
+                    f"{self._max_line_bytes} bytes (--max-line-bytes)"
+                )
+            request = decode_request(line)
+            match request:
+                case Quit():
+                    return request
+                case Hello():
+                    self._writer.send(self._hello(request.id))
+                case Ping():
+                    self._writer.send(Pong(id=request.id))
+                case Info() if not self._scheduler.model_change_pending():
+                    self._writer.send(info_reply(self._engine, request))
+                case Cancel():
+                    self._scheduler.cancel(request.id)
+                case Load() | Unload() | Generate() | Chat() | Tokenize() | Detokenize() | Info():
+                    # info waits its turn only behind a load/unload that changes the model
+                    self._scheduler.submit(Job(request=request, send=self._writer.send))
+        except WireError as exc:
+            log.debug("rejected line: %s", exc)
+            self._writer.send(ErrorReply.of(exc))
+        return None

@@ -1,0 +1,137 @@
+"""The worker's life: claim stdout, read stdin, route, and exit cleanly.
+
+``serve`` is shared by ``python -m bridge`` (the mlx-lm engine) and
+``python -m mock_worker`` (a scripted engine): one request loop, two engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import BinaryIO
+
+from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
+from protocol.errors import RequestId
+from protocol.replies import Bye, ErrorReply, HelloReply, Reply
+from protocol.requests import COMMANDS, MAX_LOGPROBS, SAMPLING_OPTIONS, Load
+
+from .engine import Engine
+from .jobs import Job
+from .router import Router
+from .scheduler import SerialScheduler
+from .stdio import LineWriter, claim_stdout, read_lines
+
+log = logging.getLogger("bridge")
+
+# How long quit / end of stdin waits for the engine thread before exiting
+# anyway. A decode step or a prefill chunk ends well within it; a model load
+# may not, and is abandoned.
+EXIT_GRACE_S = 0.8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeOptions:
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_queue: int = 256
+    preload: str | None = None
+    versions: tuple[str, ...] = ("mlx", "mlx-lm")
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    out = {"bridge": _version("mlx-bridge")}
+    for name in names:
+        out[name] = _version(name)
+    return out
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def serve(
+    engine: Engine,
+    options: ServeOptions,
+    *,
+    stdin: BinaryIO | None = None,
+    protocol_fd: int | None = None,
+) -> int:
+    """Serve the protocol until ``quit`` or end of stdin; returns the exit code."""
+    if protocol_fd is None:
+        protocol_fd = claim_stdout()
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    scheduler = SerialScheduler(engine, max_queue=options.max_queue)
+    writer = LineWriter(protocol_fd, on_broken=lambda: _exit_soon(scheduler))
+    versions = package_versions(options.versions)
+    limits = {
+        "max_line_bytes": options.max_line_bytes,
+        "max_queue": options.max_queue,
+        "max_logprobs": MAX_LOGPROBS,
+    }
+
+    def hello(request_id: RequestId | None) -> HelloReply:
+        facts = engine.facts()
+        return HelloReply(
+            id=request_id,
+            protocol_version=PROTOCOL_VERSION,
+            versions=versions,
+            commands=COMMANDS,
+            sampling_options=SAMPLING_OPTIONS,
+            limits=limits,
+            pid=os.getpid(),
+            model=facts.path if facts else None,
+        )
+
+    router = Router(
+        engine=engine,
+        scheduler=scheduler,
+        writer=writer,
+        hello=hello,
+        max_line_bytes=options.max_line_bytes,
+    )
+    scheduler.start()
+    if options.preload:
+        scheduler.submit(Job(request=Load(path=options.preload), send=_log_preload))
+    quit_request = None
+    try:
+        for line in read_lines(stdin, options.max_line_bytes):
+            quit_request = router.dispatch(line)
+            if quit_request is not None or writer.broken:
+                break
+    except KeyboardInterrupt:
+        log.info("interrupted; shutting down")
+    clean = scheduler.shutdown(EXIT_GRACE_S)
+    if quit_request is not None and quit_request.id is not None:
+        writer.send(Bye(id=quit_request.id))
+    if not clean:
+        log.warning("engine thread still busy after %.1fs; exiting without it", EXIT_GRACE_S)
+        _hard_exit(0)
+    return 0
+
+
+def _log_preload(reply: Reply) -> None:
+    if isinstance(reply, ErrorReply):
+        log.error("--model: %s (%s)", reply.message, reply.code)
+    else:
+        log.info("--model: %s", reply.to_wire())
+
+
+def _exit_soon(scheduler: SerialScheduler) -> None:
+    """Nobody reads our output any more: stop work and leave."""
+
+    def leave() -> None:
+        scheduler.shutdown(EXIT_GRACE_S)
+        _hard_exit(0)
+
+    threading.Thread(target=leave, name="bridge-exit", daemon=True).start()
+
+
+def _hard_exit(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,62 @@
+"""Bytes <-> messages. The only module that calls the JSON library.
+
+Framing: one UTF-8 JSON object per ``\\n``-terminated line. ``decode_request``
+turns a line (without or with its newline) into a typed request or raises a
+:class:`~protocol.errors.WireError`; ``encode`` turns a reply into one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+
+from .errors import InvalidJson, WireError
+from .fields import JsonValue
+from .replies import Reply
+from .requests import Request, parse_request, parse_request_id
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def decode_json(line: bytes) -> object:
+    """Parse one line as JSON, with a precise message for each failure."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidJson(
+                f"line is not valid UTF-8 (byte 0x{line[bad.start]:02x} at offset {bad.start})"
+            ) from None
+        raise InvalidJson(f"line is not valid JSON: {exc}") from None
+
+
+def decode_request(line: bytes) -> Request:
+    """Decode one request line. Errors carry the request's id when it was readable."""
+    raw = decode_json(line)
+    try:
+        return parse_request(raw)
+    except WireError as exc:
+        if exc.request_id is None and isinstance(raw, dict):
+            try:
+                exc.request_id = parse_request_id(raw)
+            except WireError:
+                pass
+        raise
+
+
+def encode_wire(obj: dict[str, JsonValue]) -> bytes:
+    """One JSON line (with ``\\n``). Strings orjson rejects (lone surrogates)
+    are written with replacement characters rather than lost."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        return text.encode("utf-8", errors="replace") + b"\n"
+
+
+def encode(reply: Reply) -> bytes:
+    return encode_wire(reply.to_wire())

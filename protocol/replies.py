@@ -1,0 +1,267 @@
+"""Replies and events: what the worker writes, one JSON object per line.
+
+Every line has a ``type`` and, when it answers an addressed request, that
+request's ``id``. The legacy go-mlx keys are part of the same shapes
+(``ok``, ``token``/``token_id``, ``done``, ``error``), so one encoder serves
+both dialects: a legacy reply is an addressed reply without ``id``.
+
+Terminal lines end a request: every type except ``token``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import RequestId, WireError
+from .fields import JsonValue
+
+FINISH_REASONS = ("stop", "length", "stop_sequence", "cancelled")
+
+Wire = dict[str, JsonValue]
+
+
+def _envelope(kind: str, request_id: RequestId | None) -> Wire:
+    out: Wire = {"type": kind}
+    if request_id is not None:
+        out["id"] = request_id
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloReply:
+    id: RequestId | None = None
+    protocol_version: int
+    versions: Mapping[str, str]
+    commands: tuple[str, ...]
+    sampling_options: tuple[str, ...]
+    limits: Mapping[str, int]
+    pid: int
+    model: str | None = None
+
+    def to_wire(self) -> Wire:
+        return _envelope("hello", self.id) | {
+            "ok": True,
+            "protocol_version": self.protocol_version,
+            "versions": dict(self.versions),
+            "commands": list(self.commands),
+            "sampling_options": list(self.sampling_options),
+            "limits": dict(self.limits),
+            "pid": self.pid,
+            "model": self.model,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pong:
+    id: RequestId | None = None
+
+    def to_wire(self) -> Wire:
+        return _envelope("pong", self.id) | {"ok": True}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelFacts:
+    """What a loaded model is; reported by ``load`` and ``info``."""
+
+    path: str
+    model_type: str
+    vocab_size: int
+    layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    context_len: int | None
+    dtype: str
+    quantization: Mapping[str, JsonValue] | None
+    parameters: int
+    vision: bool = False
+
+    def to_wire(self) -> Wire:
+        return {
+            "path": self.path,
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "layers": self.layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "context_len": self.context_len,
+            "dtype": self.dtype,
+            "quantization": dict(self.quantization) if self.quantization else None,
+            "parameters": self.parameters,
+            "vision": self.vision,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Loaded:
+    id: RequestId | None = None
+    model: ModelFacts
+    load_ms: float
+
+    def to_wire(self) -> Wire:
+        return (
+            _envelope("loaded", self.id)
+            | {"ok": True}
+            | self.model.to_wire()
+            | {"load_ms": round(self.load_ms, 3)}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unloaded:
+    id: RequestId | None = None
+    was_loaded: bool
+
+    def to_wire(self) -> Wire:
+        return _envelope("unloaded", self.id) | {"ok": True, "was_loaded": self.was_loaded}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+    def to_wire(self) -> Wire:
+        return {"token_id": self.token_id, "token": self.token, "logprob": self.logprob}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenEvent:
+    """One generated token; ``token`` is its text (may be empty while a
+    multi-byte character or a possible stop string is held back)."""
+
+    id: RequestId | None = None
+    token: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] | None = None
+
+    def to_wire(self) -> Wire:
+        out = _envelope("token", self.id)
+        out["token"] = self.token
+        out["token_id"] = self.token_id
+        if self.logprob is not None:
+            out["logprob"] = self.logprob
+        if self.top_logprobs is not None:
+            out["top_logprobs"] = [t.to_wire() for t in self.top_logprobs]
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Done:
+    id: RequestId | None = None
+    finish_reason: str
+    tokens_generated: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    ttft_ms: float | None
+    queue_ms: float = 0.0
+    peak_memory_bytes: int
+
+    def to_wire(self) -> Wire:
+        return _envelope("done", self.id) | {
+            "done": True,
+            "finish_reason": self.finish_reason,
+            "tokens_generated": self.tokens_generated,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tps": round(self.prompt_tps, 3),
+            "generation_tps": round(self.generation_tps, 3),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "queue_ms": round(self.queue_ms, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryStats:
+    active_bytes: int
+    peak_bytes: int
+    cache_bytes: int
+    rss_bytes: int
+
+    def to_wire(self) -> Wire:
+        return {
+            "active_bytes": self.active_bytes,
+            "peak_bytes": self.peak_bytes,
+            "cache_bytes": self.cache_bytes,
+            "rss_bytes": self.rss_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InfoReply:
+    id: RequestId | None = None
+    model: ModelFacts
+    memory: MemoryStats
+
+    def to_wire(self) -> Wire:
+        return (
+            _envelope("info", self.id)
+            | {"ok": True}
+            | self.model.to_wire()
+            | {"memory": self.memory.to_wire()}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokensReply:
+    id: RequestId | None = None
+    tokens: tuple[int, ...]
+
+    def to_wire(self) -> Wire:
+        return _envelope("tokens", self.id) | {"ok": True, "tokens": list(self.tokens)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextReply:
+    id: RequestId | None = None
+    text: str
+
+    def to_wire(self) -> Wire:
+        return _envelope("text", self.id) | {"ok": True, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bye:
+    """Answer to an addressed ``quit``, written after every other terminal line."""
+
+    id: RequestId | None = None
+
+    def to_wire(self) -> Wire:
+        return _envelope("bye", self.id) | {"ok": True}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReply:
+    id: RequestId | None = None
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, error: WireError, request_id: RequestId | None = None) -> ErrorReply:
+        rid = request_id if request_id is not None else error.request_id
+        return cls(id=rid, code=error.code, message=error.message)
+
+    def to_wire(self) -> Wire:
+        return _envelope("error", self.id) | {"error": self.message, "code": self.code}
+
+
+Reply = (
+    HelloReply
+    | Pong
+    | Loaded
+    | Unloaded
+    | TokenEvent
+    | Done
+    | InfoReply
+    | TokensReply
+    | TextReply
+    | Bye
+    | ErrorReply
+)

@@ -1,0 +1,318 @@
+"""Requests: one frozen class per command, decoded once at the edge.
+
+``parse_request`` turns one decoded JSON object into one of these classes or
+raises a :class:`~protocol.errors.WireError` naming the bad field. Unknown
+fields are ignored, so hosts may send fields from newer protocol versions.
+
+A request without ``id`` belongs to the legacy (go-mlx) dialect; with an
+``id`` (string or integer) every line that answers it echoes the id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import InvalidJson, InvalidRequest, RequestId, UnknownCommand
+from .fields import Fields, JsonValue, describe
+
+MAX_LOGPROBS = 20
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampling:
+    """Decoding options shared by ``generate`` and ``chat``."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImagePart:
+    url: str
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatMessage:
+    role: str
+    content: str | tuple[ContentPart, ...] | None = None
+    name: str | None = None
+    tool_calls: tuple[JsonValue, ...] | None = None
+    tool_call_id: str | None = None
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        if isinstance(self.content, tuple):
+            return tuple(p for p in self.content if isinstance(p, ImagePart))
+        return ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ping:
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Load:
+    id: RequestId | None = None
+    path: str
+    adapter_path: str | None = None
+    context_len: int | None = None
+    trust_remote_code: bool = False
+    force: bool = False
+    # Sent by go-mlx; accepted and ignored (MLX has no partial offload or slots here).
+    gpu_layers: int | None = None
+    parallel_slots: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unload:
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Generate:
+    id: RequestId | None = None
+    prompt: str
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chat:
+    id: RequestId | None = None
+    messages: tuple[ChatMessage, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    chat_template_kwargs: Mapping[str, JsonValue] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Info:
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tokenize:
+    id: RequestId | None = None
+    text: str
+    add_special_tokens: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Detokenize:
+    id: RequestId | None = None
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel:
+    """Cancel request ``id``, or everything in flight when ``id`` is absent.
+
+    ``cancel`` itself never gets a reply: the cancelled request's own terminal
+    line is the answer.
+    """
+
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quit:
+    id: RequestId | None = None
+
+
+Request = (
+    Hello | Ping | Load | Unload | Generate | Chat | Info | Tokenize | Detokenize | Cancel | Quit
+)
+GenerationRequest = Generate | Chat
+
+
+def parse_request_id(raw: Mapping[str, object]) -> RequestId | None:
+    value = raw.get("id")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise InvalidRequest(f"id: must be a string or an integer, got {describe(value)}")
+
+
+def parse_request(raw: object) -> Request:
+    """Decode one JSON value (already parsed) into a request."""
+    if not isinstance(raw, dict):
+        raise InvalidJson(f"a request must be a JSON object, got {describe(raw)}")
+    request_id = parse_request_id(raw)
+    f = Fields(raw, request_id=request_id)
+    cmd = f.required_str("cmd")
+    parser = _PARSERS.get(cmd)
+    if parser is None:
+        raise UnknownCommand(
+            f"cmd: unknown command {cmd!r}; known: {', '.join(COMMANDS)}",
+            request_id=request_id,
+        )
+    return parser(f, request_id)
+
+
+def _sampling(f: Fields) -> Sampling:
+    repetition_penalty = f.number("repetition_penalty", 0.0, minimum=0.0)
+    if not repetition_penalty:
+        repetition_penalty = f.number("repeat_penalty", 0.0, minimum=0.0)
+    bias_raw = f.object_("logit_bias") or {}
+    bias: list[tuple[int, float]] = []
+    for key in bias_raw:
+        try:
+            token = int(key)
+        except ValueError:
+            raise f.fail(f"logit_bias[{key!r}]", "keys must be token ids") from None
+        if token < 0:
+            raise f.fail(f"logit_bias[{key!r}]", "keys must be token ids ≥ 0")
+        bias.append((token, f.nested("logit_bias", bias_raw).number(key, 0.0)))
+    return Sampling(
+        max_tokens=f.int_("max_tokens", DEFAULT_MAX_TOKENS, minimum=1) or DEFAULT_MAX_TOKENS,
+        temperature=f.number("temperature", 0.0, minimum=0.0),
+        top_p=f.number("top_p", 1.0, minimum=0.0, maximum=1.0) or 1.0,
+        top_k=f.int_("top_k", 0, minimum=0) or 0,
+        min_p=f.number("min_p", 0.0, minimum=0.0, maximum=1.0),
+        repetition_penalty=repetition_penalty or None,
+        repetition_context_size=f.int_("repetition_context_size", 20, minimum=1) or 20,
+        logit_bias=tuple(bias),
+        seed=f.int_("seed", minimum=0),
+        stop=f.str_list("stop"),
+        logprobs=f.int_("logprobs", 0, minimum=0, maximum=MAX_LOGPROBS) or 0,
+    )
+
+
+def _content(f: Fields, key: str) -> str | tuple[ContentPart, ...] | None:
+    value = f.raw(key)
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise f.fail(key, f"must be a string or a list of content parts, got {describe(value)}")
+    parts: list[ContentPart] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise f.fail(f"{key}[{i}]", f"must be an object, got {describe(item)}")
+        part = f.nested(f"{key}[{i}]", item)
+        kind = part.required_str("type")
+        if kind == "text":
+            parts.append(TextPart(text=part.required_str("text")))
+        elif kind in ("image_url", "image"):
+            image = part.raw("image_url")
+            url = (
+                part.nested("image_url", image).required_str("url", nonempty=True)
+                if isinstance(image, dict)
+                else part.str_("image_url", nonempty=True) or part.str_("image", nonempty=True)
+            )
+            if url is None:
+                raise part.fail("image_url", "required")
+            parts.append(ImagePart(url=url))
+        else:
+            raise part.fail("type", f"must be 'text' or 'image_url', got {kind!r}")
+    return tuple(parts)
+
+
+def _message(f: Fields, index: int, raw: object) -> ChatMessage:
+    key = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise f.fail(key, f"must be an object, got {describe(raw)}")
+    m = f.nested(key, raw)
+    tool_calls = m.list_("tool_calls")
+    return ChatMessage(
+        role=m.required_str("role", nonempty=True),
+        content=_content(m, "content"),
+        name=m.str_("name"),
+        tool_calls=tuple(tool_calls) if tool_calls is not None else None,  # type: ignore[arg-type]
+        tool_call_id=m.str_("tool_call_id"),
+    )
+
+
+def _load(f: Fields, rid: RequestId | None) -> Load:
+    return Load(
+        id=rid,
+        path=f.required_str("path", nonempty=True),
+        adapter_path=f.str_("adapter_path", nonempty=True),
+        context_len=f.int_("context_len", minimum=1),
+        trust_remote_code=f.bool_("trust_remote_code", False),
+        force=f.bool_("force", False),
+        gpu_layers=f.int_("gpu_layers"),
+        parallel_slots=f.int_("parallel_slots"),
+    )
+
+
+def _generate(f: Fields, rid: RequestId | None) -> Generate:
+    return Generate(id=rid, prompt=f.required_str("prompt"), sampling=_sampling(f))
+
+
+def _chat(f: Fields, rid: RequestId | None) -> Chat:
+    raw_messages = f.list_("messages", required=True) or []
+    if not raw_messages:
+        raise f.fail("messages", "must not be empty")
+    kwargs = f.object_("chat_template_kwargs")
+    return Chat(
+        id=rid,
+        messages=tuple(_message(f, i, m) for i, m in enumerate(raw_messages)),
+        sampling=_sampling(f),
+        chat_template_kwargs=kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _tokenize(f: Fields, rid: RequestId | None) -> Tokenize:
+    return Tokenize(
+        id=rid,
+        text=f.required_str("text"),
+        add_special_tokens=f.bool_("add_special_tokens", True),
+    )
+
+
+def _detokenize(f: Fields, rid: RequestId | None) -> Detokenize:
+    return Detokenize(id=rid, tokens=f.int_list("tokens", required=True))
+
+
+_PARSERS: dict[str, Callable[[Fields, RequestId | None], Request]] = {
+    "hello": lambda f, rid: Hello(id=rid),
+    "ping": lambda f, rid: Ping(id=rid),
+    "load": _load,
+    "unload": lambda f, rid: Unload(id=rid),
+    "generate": _generate,
+    "chat": _chat,
+    "info": lambda f, rid: Info(id=rid),
+    "tokenize": _tokenize,
+    "detokenize": _detokenize,
+    "cancel": lambda f, rid: Cancel(id=rid),
+    "quit": lambda f, rid: Quit(id=rid),
+}
+COMMANDS: tuple[str, ...] = tuple(_PARSERS)
+SAMPLING_OPTIONS: tuple[str, ...] = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repeat_penalty",
+    "repetition_context_size",
+    "logit_bias",
+    "seed",
+    "stop",
+    "logprobs",
+)
