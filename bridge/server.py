@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import BinaryIO
@@ -17,7 +18,7 @@ from typing import BinaryIO
 from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
 from protocol.errors import RequestId
 from protocol.replies import Bye, ErrorReply, HelloReply, Reply
-from protocol.requests import COMMANDS, MAX_LOGPROBS, SAMPLING_OPTIONS, Load
+from protocol.requests import COMMANDS, MAX_LOGPROBS, SAMPLING_OPTIONS, Load, Quit
 
 from .engine import Engine
 from .jobs import Job
@@ -61,13 +62,26 @@ def serve(
     *,
     stdin: BinaryIO | None = None,
     protocol_fd: int | None = None,
+    on_writer: Callable[[Callable[[bytes], None]], None] | None = None,
+    on_quit: Callable[[Quit | None], None] | None = None,
 ) -> int:
-    """Serve the protocol until ``quit`` or end of stdin; returns the exit code."""
+    """Serve the protocol until ``quit`` or end of stdin; returns the exit code.
+
+    Two hooks exist for :mod:`mock_worker`'s fault injection; the worker
+    passes neither. ``on_writer`` is called once, before the first request is
+    read, with a function that writes raw bytes to the protocol output
+    through the one locked writer. ``on_quit`` is called on the stdin thread
+    when the loop ends by ``quit`` (with that request) or by end of stdin
+    (with None), before anything is cancelled; it may exit the process or
+    block.
+    """
     if protocol_fd is None:
         protocol_fd = claim_stdout()
     stdin = stdin if stdin is not None else sys.stdin.buffer
     scheduler = SerialScheduler(engine, max_queue=options.max_queue)
     writer = LineWriter(protocol_fd, on_broken=lambda: _exit_soon(scheduler))
+    if on_writer is not None:
+        on_writer(writer.write)
     versions = package_versions(options.versions)
     limits = {
         "max_line_bytes": options.max_line_bytes,
@@ -104,6 +118,8 @@ def serve(
             quit_request = router.dispatch(line)
             if quit_request is not None or writer.broken:
                 break
+        if on_quit is not None and not writer.broken:
+            on_quit(quit_request)
     except KeyboardInterrupt:
         log.info("interrupted; shutting down")
     clean = scheduler.shutdown(EXIT_GRACE_S)

@@ -86,6 +86,8 @@ class Load:
     # Sent by go-mlx; accepted and ignored (MLX has no partial offload or slots here).
     gpu_layers: int | None = None
     parallel_slots: int | None = None
+    # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
+    mock: Mapping[str, JsonValue] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +100,8 @@ class Generate:
     id: RequestId | None = None
     prompt: str
     sampling: Sampling = field(default_factory=Sampling)
+    # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
+    mock: Mapping[str, JsonValue] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +110,8 @@ class Chat:
     messages: tuple[ChatMessage, ...]
     sampling: Sampling = field(default_factory=Sampling)
     chat_template_kwargs: Mapping[str, JsonValue] | None = None
+    # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
+    mock: Mapping[str, JsonValue] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,11 +262,17 @@ def _load(f: Fields, rid: RequestId | None) -> Load:
         force=f.bool_("force", False),
         gpu_layers=f.int_("gpu_layers"),
         parallel_slots=f.int_("parallel_slots"),
+        mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
 
 def _generate(f: Fields, rid: RequestId | None) -> Generate:
-    return Generate(id=rid, prompt=f.required_str("prompt"), sampling=_sampling(f))
+    return Generate(
+        id=rid,
+        prompt=f.required_str("prompt"),
+        sampling=_sampling(f),
+        mock=f.object_("mock"),  # type: ignore[arg-type]
+    )
 
 
 def _chat(f: Fields, rid: RequestId | None) -> Chat:
@@ -273,6 +285,7 @@ def _chat(f: Fields, rid: RequestId | None) -> Chat:
         messages=tuple(_message(f, i, m) for i, m in enumerate(raw_messages)),
         sampling=_sampling(f),
         chat_template_kwargs=kwargs,  # type: ignore[arg-type]
+        mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
 
