@@ -83,7 +83,8 @@ class WorkerProcess:
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
-        while chunk := self.proc.stderr.read1(65536):
+        fd = self.proc.stderr.fileno()
+        while chunk := os.read(fd, 65536):
             self.stderr += chunk
 
     # -- I/O -------------------------------------------------------------------------

@@ -17,7 +17,11 @@ def worker(tiny_model: Path) -> WorkerProcess:  # type: ignore[misc]
 
 
 def still_serving(worker: WorkerProcess) -> None:
-    assert worker.call({"cmd": "ping", "id": "alive"}) == {"type": "pong", "id": "alive", "ok": True}
+    assert worker.call({"cmd": "ping", "id": "alive"}) == {
+        "type": "pong",
+        "id": "alive",
+        "ok": True,
+    }
 
 
 @pytest.mark.parametrize(
@@ -48,19 +52,37 @@ def test_malformed_lines(worker: WorkerProcess, line: bytes, code: str, message:
     [
         ({"cmd": "generate"}, "prompt: required"),
         ({"cmd": "generate", "prompt": 5}, "prompt: must be a string, got a number"),
-        ({"cmd": "generate", "prompt": "x", "max_tokens": -1}, "max_tokens: must be an integer ≥ 1"),
+        (
+            {"cmd": "generate", "prompt": "x", "max_tokens": -1},
+            "max_tokens: must be an integer ≥ 1",
+        ),
         ({"cmd": "generate", "prompt": "x", "max_tokens": "9"}, "max_tokens: must be an integer"),
-        ({"cmd": "generate", "prompt": "x", "temperature": -0.5}, "temperature: must be a number ≥ 0"),
+        (
+            {"cmd": "generate", "prompt": "x", "temperature": -0.5},
+            "temperature: must be a number ≥ 0",
+        ),
         ({"cmd": "generate", "prompt": "x", "temperature": "hot"}, "temperature: must be a number"),
         ({"cmd": "generate", "prompt": "x", "top_p": 1.5}, "top_p: must be a number from 0 to 1"),
-        ({"cmd": "generate", "prompt": "x", "logprobs": 99}, "logprobs: must be an integer from 0 to 20"),
+        (
+            {"cmd": "generate", "prompt": "x", "logprobs": 99},
+            "logprobs: must be an integer from 0 to 20",
+        ),
         ({"cmd": "generate", "prompt": "x", "stop": [1]}, "stop[0]: must be a string"),
-        ({"cmd": "generate", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias['a']: keys must be token ids"),
+        (
+            {"cmd": "generate", "prompt": "x", "logit_bias": {"a": 1}},
+            "logit_bias['a']: keys must be token ids",
+        ),
         ({"cmd": "generate", "prompt": "x", "seed": True}, "seed: must be an integer"),
         ({"cmd": "chat", "messages": []}, "messages: must not be empty"),
         ({"cmd": "chat", "messages": [{"content": "x"}]}, "messages[0].role: required"),
-        ({"cmd": "chat", "messages": [{"role": "user", "content": 5}]}, "messages[0].content: must be a string or a list"),
-        ({"cmd": "chat", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type: must be 'text' or 'image_url'"),
+        (
+            {"cmd": "chat", "messages": [{"role": "user", "content": 5}]},
+            "messages[0].content: must be a string or a list",
+        ),
+        (
+            {"cmd": "chat", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "messages[0].content[0].type: must be 'text' or 'image_url'",
+        ),
         ({"cmd": "load"}, "path: required"),
         ({"cmd": "load", "path": "/x", "context_len": 0}, "context_len: must be an integer ≥ 1"),
         ({"cmd": "tokenize"}, "text: required"),

@@ -26,7 +26,9 @@ def test_hello_and_ping_in_both_dialects(loaded_worker: WorkerProcess) -> None:
 
 
 def test_generate_addressed_streams_tokens_then_done(loaded_worker: WorkerProcess) -> None:
-    lines = loaded_worker.request({"cmd": "generate", "id": "g", "prompt": "def f(", "max_tokens": 12})
+    lines = loaded_worker.request(
+        {"cmd": "generate", "id": "g", "prompt": "def f(", "max_tokens": 12}
+    )
     tokens, done = lines[:-1], lines[-1]
     assert len(tokens) == 12 and all(t["type"] == "token" and t["id"] == "g" for t in tokens)
     assert done["type"] == "done" and done["done"] is True
@@ -112,7 +114,13 @@ def test_eos_ends_with_stop(loaded_worker: WorkerProcess) -> None:
     eos = loaded_worker.call({"cmd": "tokenize", "id": 0, "text": "<|im_end|>"})["tokens"]
     assert len(eos) == 1
     lines = loaded_worker.request(
-        {"cmd": "generate", "id": "e", "prompt": "x", "max_tokens": 50, "logit_bias": {str(eos[0]): 1000}}
+        {
+            "cmd": "generate",
+            "id": "e",
+            "prompt": "x",
+            "max_tokens": 50,
+            "logit_bias": {str(eos[0]): 1000},
+        }
     )
     assert lines[-1]["finish_reason"] == "stop"
     assert lines[-1]["tokens_generated"] == 0

@@ -43,8 +43,15 @@ def test_go_mlx_session(tiny_model: Path) -> None:
 
         worker.send(
             go_marshal(
-                {"cmd": "generate", "max_tokens": 8, "prompt": "<b>&", "temperature": 0.8,
-                 "top_k": 40, "top_p": 0.95, "repeat_penalty": 1.1}
+                {
+                    "cmd": "generate",
+                    "max_tokens": 8,
+                    "prompt": "<b>&",
+                    "temperature": 0.8,
+                    "top_k": 40,
+                    "top_p": 0.95,
+                    "repeat_penalty": 1.1,
+                }
             )
         )
         tokens, done = go_stream(worker)

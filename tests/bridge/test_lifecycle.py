@@ -27,7 +27,11 @@ def test_hello_is_answered_before_mlx_finishes_importing() -> None:
 def test_help_documents_the_flags() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bridge", "--help"],
-        capture_output=True, text=True, check=True, env=worker_env(), cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=worker_env(),
+        cwd=ROOT,
     ).stdout
     for flag in ("--model", "--log-level", "--max-line-bytes", "--prefill-step-size"):
         assert flag in out
@@ -96,7 +100,9 @@ HOST = textwrap.dedent(
 def test_worker_does_not_outlive_a_killed_host(tiny_model: Path) -> None:
     host = subprocess.Popen(
         [sys.executable, "-c", HOST % str(tiny_model)],
-        stdout=subprocess.PIPE, env=worker_env(), cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env=worker_env(),
+        cwd=ROOT,
     )
     assert host.stdout is not None
     worker_pid = int(host.stdout.readline())

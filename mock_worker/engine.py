@@ -1,0 +1,246 @@
+"""``ScriptedEngine``: a :class:`bridge.engine.Engine` with no model behind it.
+
+It loads any path instantly, echoes the prompt's words as tokens (see
+:mod:`mock_worker.echo`), tokenizes text as its UTF-8 bytes, and injects the
+faults of :mod:`mock_worker.faults`. The real request loop
+(:func:`bridge.server.serve`) runs it, so stop strings, cancel, queueing and
+every reply shape are the real worker's.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from bridge.engine import Prepared, ShouldAbort, Step
+from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
+from protocol.replies import MemoryStats, ModelFacts, TopLogprob
+from protocol.requests import Chat, Detokenize, GenerationRequest, Load, Tokenize
+
+from . import echo
+from .faults import GARBAGE_LINE, Faults, block_forever, crash, flood_stderr
+
+log = logging.getLogger("mock_worker")
+
+DEFAULT_CONTEXT_LEN = 4096
+WriteRaw = Callable[[bytes], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScriptedPrepared(Prepared):
+    """A prepared generation plus what the script needs to run it."""
+
+    request_id: RequestId | None
+    words: tuple[str, ...]
+    faults: Faults
+
+
+class ScriptedEngine:
+    def __init__(self, *, faults: Faults | None = None) -> None:
+        self._defaults = faults or Faults()
+        self._facts: ModelFacts | None = None
+        self._write_raw: WriteRaw | None = None
+
+    def attach_output(self, write: WriteRaw) -> None:
+        """Where the garbage-line fault writes (``serve``'s ``on_writer`` hook)."""
+        self._write_raw = write
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        pass
+
+    def load(self, request: Load) -> ModelFacts:
+        faults = self._defaults.override(request.mock, request.id)
+        if faults.load_delay:
+            time.sleep(faults.load_delay)
+        if faults.fail_load is not None:
+            raise error_from_code(
+                faults.fail_load,
+                f"{request.path}: load failed with {faults.fail_load} (mock fault fail_load)",
+                request_id=request.id,
+            )
+        self._facts = mock_facts(request.path, request.context_len or DEFAULT_CONTEXT_LEN)
+        log.info("loaded %s (mock)", request.path)
+        return self._facts
+
+    def unload(self) -> bool:
+        was_loaded, self._facts = self._facts is not None, None
+        return was_loaded
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        self._require(request)
+        faults = self._defaults.override(request.mock, request.id)
+        if isinstance(request, Chat):
+            for i, message in enumerate(request.messages):
+                if message.images:
+                    raise VisionNotSupported(
+                        f"messages[{i}].content: this model has no vision support; "
+                        "image parts need a vision model",
+                        request_id=request.id,
+                    )
+        tokens = tuple(echo.prompt_text(request).encode())
+        if not tokens:
+            raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
+        return ScriptedPrepared(
+            tokens=tokens,
+            sampling=request.sampling,
+            request_id=request.id,
+            words=echo.words_of(request),
+            faults=faults,
+        )
+
+    def generate(
+        self, prepared: Prepared, should_abort: ShouldAbort
+    ) -> Generator[Step, None, None]:
+        assert isinstance(prepared, ScriptedPrepared)
+        faults = prepared.faults
+        name = f"request {prepared.request_id!r}"
+        if faults.stderr_flood:
+            flood_stderr(faults.stderr_flood)
+        words = prepared.words
+        ids = tuple(echo.token_id(w) for w in words)
+        max_tokens = prepared.sampling.max_tokens
+        top_n = prepared.sampling.logprobs
+        peak = _peak_rss()
+        started = time.perf_counter()
+        prompt_tps = 0.0
+        n = 0
+        while True:
+            if n == faults.garbage_after:
+                self._garbage(name)
+            if n == faults.crash_after:
+                crash(faults.exit_code, f"crash_after={n} in {name}")
+            if n == faults.hang_after:
+                block_forever(f"hang_after={n} in {name}")
+            if faults.token_delay:
+                _pause(faults.token_delay, should_abort)
+            if should_abort():
+                if faults.ignore_cancel:
+                    block_forever(f"ignore_cancel in {name}")
+                return
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            if n == 0:
+                prompt_tps = len(prepared.tokens) / elapsed
+            if not words or (faults.eos_after is not None and n >= faults.eos_after):
+                step = Step(
+                    text="",
+                    token_id=echo.EOS_TOKEN_ID,
+                    is_eos=True,
+                    finish_reason="stop",
+                    prompt_tps=prompt_tps,
+                    generation_tps=n / elapsed,
+                    peak_memory_bytes=peak,
+                )
+            else:
+                i = n % len(words)
+                n += 1
+                step = Step(
+                    text=echo.token_text(words, n - 1),
+                    token_id=ids[i],
+                    finish_reason="length" if n >= max_tokens else None,
+                    logprob=0.0 if top_n else None,
+                    top_logprobs=_top(words, ids, i, top_n) if top_n else None,
+                    prompt_tps=prompt_tps,
+                    generation_tps=n / elapsed,
+                    peak_memory_bytes=peak,
+                )
+            try:
+                yield step
+            except GeneratorExit:
+                # The loop stops reading when the request is cancelled (or hit a stop string).
+                if faults.ignore_cancel and should_abort():
+                    block_forever(f"ignore_cancel in {name}")
+                raise
+            if step.finish_reason is not None:
+                return
+
+    def tokenize(self, request: Tokenize) -> tuple[int, ...]:
+        self._require(request)
+        return tuple(request.text.encode())
+
+    def detokenize(self, request: Detokenize) -> str:
+        self._require(request)
+        for i, token in enumerate(request.tokens):
+            if token > 255:
+                raise InvalidRequest(
+                    f"tokens[{i}]: {token} is not a byte (mock token ids are UTF-8 bytes, 0-255)",
+                    request_id=request.id,
+                )
+        try:
+            return bytes(request.tokens).decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(
+                f"tokens: not valid UTF-8 at position {exc.start}", request_id=request.id
+            ) from None
+
+    def close(self) -> None:
+        self._facts = None
+
+    # -- any thread ---------------------------------------------------------------------
+
+    def facts(self) -> ModelFacts | None:
+        return self._facts
+
+    def memory(self) -> MemoryStats:
+        import psutil
+
+        rss = int(psutil.Process().memory_info().rss)
+        return MemoryStats(active_bytes=0, peak_bytes=_peak_rss(), cache_bytes=0, rss_bytes=rss)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> ModelFacts:
+        facts = self._facts
+        if facts is None:
+            raise NoModel("no model loaded; send load first", request_id=request.id)
+        return facts
+
+    def _garbage(self, name: str) -> None:
+        log.warning("mock fault: garbage_after in %s; writing a non-JSON line", name)
+        if self._write_raw is not None:
+            self._write_raw(GARBAGE_LINE)
+
+
+def mock_facts(path: str, context_len: int) -> ModelFacts:
+    vocab, layers, hidden, heads, kv_heads = echo.VOCAB_SIZE, 2, 64, 4, 2
+    return ModelFacts(
+        path=path,
+        model_type="mock",
+        vocab_size=vocab,
+        layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        context_len=context_len,
+        dtype="float32",
+        quantization=None,
+        parameters=vocab * hidden + layers * 12 * hidden * hidden,
+    )
+
+
+def _pause(seconds: float, should_abort: ShouldAbort) -> None:
+    """Sleep, waking early when the request is cancelled."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not should_abort():
+        time.sleep(min(left, 0.01))
+
+
+def _top(words: tuple[str, ...], ids: tuple[int, ...], i: int, n: int) -> tuple[TopLogprob, ...]:
+    """The chosen word first (logprob 0), then the next words of the cycle."""
+    return tuple(
+        TopLogprob(
+            token_id=ids[(i + k) % len(words)], token=words[(i + k) % len(words)], logprob=-float(k)
+        )
+        for k in range(n)
+    )
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
