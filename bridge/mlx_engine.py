@@ -11,7 +11,7 @@ import gc
 import logging
 import sys
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
@@ -23,6 +23,7 @@ from protocol.requests import (
     Generate,
     GenerationRequest,
     Load,
+    Sampling,
     TextPart,
     Tokenize,
 )
@@ -117,7 +118,7 @@ class MlxLmEngine:
                 tokens = self._chat_tokens(tokenizer, request)
         if not tokens:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
-        return Prepared(tokens=tuple(tokens), sampling=request.sampling)
+        return Prepared(tokens=tuple(tokens), sampling=_fit_vocab(request, loaded.facts.vocab_size))
 
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
@@ -246,6 +247,19 @@ class MlxLmEngine:
         log.warning("model has no chat template; joining messages as 'role: content' lines")
         text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages) + "assistant: "
         return list(tokenizer.encode(text))
+
+
+def _fit_vocab(request: GenerationRequest, vocab: int) -> Sampling:
+    """Check token ids against the model's vocabulary (MLX does not: an id out
+    of range corrupts memory); a ``top_k`` past the vocabulary means no top-k."""
+    s = request.sampling
+    for token, _ in s.logit_bias:
+        if token >= vocab:
+            raise InvalidRequest(
+                f"logit_bias[{str(token)!r}]: token id is outside the vocabulary (size {vocab})",
+                request_id=request.id,
+            )
+    return replace(s, top_k=0) if s.top_k >= vocab else s
 
 
 def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[str, Any]:

@@ -14,11 +14,11 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bridge.engine import Prepared, ShouldAbort, Step
 from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
-from protocol.replies import MemoryStats, ModelFacts, TopLogprob
+from protocol.replies import MemoryStats, ModelFacts
 from protocol.requests import Chat, Detokenize, GenerationRequest, Load, Tokenize
 
 from . import echo
@@ -27,6 +27,7 @@ from .faults import GARBAGE_LINE, Faults, block_forever, crash, flood_stderr
 log = logging.getLogger("mock_worker")
 
 DEFAULT_CONTEXT_LEN = 4096
+TIMED_TOKENS = 64
 WriteRaw = Callable[[bytes], None]
 
 
@@ -103,12 +104,12 @@ class ScriptedEngine:
         if faults.stderr_flood:
             flood_stderr(faults.stderr_flood)
         words = prepared.words
-        ids = tuple(echo.token_id(w) for w in words)
         max_tokens = prepared.sampling.max_tokens
-        top_n = prepared.sampling.logprobs
+        # The steps are built once per generation, so the mock streams at full speed.
+        cycle = echo.token_steps(words, prepared.sampling.logprobs)
+        eos_at = 0 if not words else faults.eos_after
         peak = _peak_rss()
-        started = time.perf_counter()
-        prompt_tps = 0.0
+        started = first_at = time.perf_counter()
         n = 0
         while True:
             if n == faults.garbage_after:
@@ -123,31 +124,24 @@ class ScriptedEngine:
                 if faults.ignore_cancel:
                     block_forever(f"ignore_cancel in {name}")
                 return
-            elapsed = max(time.perf_counter() - started, 1e-9)
             if n == 0:
-                prompt_tps = len(prepared.tokens) / elapsed
-            if not words or (faults.eos_after is not None and n >= faults.eos_after):
-                step = Step(
-                    text="",
-                    token_id=echo.EOS_TOKEN_ID,
-                    is_eos=True,
-                    finish_reason="stop",
-                    prompt_tps=prompt_tps,
-                    generation_tps=n / elapsed,
-                    peak_memory_bytes=peak,
-                )
+                first_at = time.perf_counter()
+            if n == eos_at:
+                step = Step(text="", token_id=echo.EOS_TOKEN_ID, is_eos=True, finish_reason="stop")
             else:
-                i = n % len(words)
+                step = cycle[n % len(cycle)] if n else replace(cycle[0], text=words[0])
                 n += 1
-                step = Step(
-                    text=echo.token_text(words, n - 1),
-                    token_id=ids[i],
-                    finish_reason="length" if n >= max_tokens else None,
-                    logprob=0.0 if top_n else None,
-                    top_logprobs=_top(words, ids, i, top_n) if top_n else None,
-                    prompt_tps=prompt_tps,
-                    generation_tps=n / elapsed,
-                    peak_memory_bytes=peak,
+                if n == max_tokens:
+                    step = replace(step, finish_reason="length")
+            if step.finish_reason is not None or n <= TIMED_TOKENS or n % TIMED_TOKENS == 0:
+                # ``done`` reports the last step's figures; past the first tokens
+                # they are refreshed every TIMED_TOKENS only, to keep streaming cheap.
+                now = time.perf_counter()
+                step = replace(
+                    step,
+                    prompt_tps=len(prepared.tokens) / max(first_at - started, 1e-9),
+                    generation_tps=n / max(now - first_at, 1e-9),
+                    peak_memory_bytes=peak if step.finish_reason is None else _peak_rss(),
                 )
             try:
                 yield step
@@ -194,11 +188,9 @@ class ScriptedEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> ModelFacts:
-        facts = self._facts
-        if facts is None:
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> None:
+        if self._facts is None:
             raise NoModel("no model loaded; send load first", request_id=request.id)
-        return facts
 
     def _garbage(self, name: str) -> None:
         log.warning("mock fault: garbage_after in %s; writing a non-JSON line", name)
@@ -229,16 +221,6 @@ def _pause(seconds: float, should_abort: ShouldAbort) -> None:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0 and not should_abort():
         time.sleep(min(left, 0.01))
-
-
-def _top(words: tuple[str, ...], ids: tuple[int, ...], i: int, n: int) -> tuple[TopLogprob, ...]:
-    """The chosen word first (logprob 0), then the next words of the cycle."""
-    return tuple(
-        TopLogprob(
-            token_id=ids[(i + k) % len(words)], token=words[(i + k) % len(words)], logprob=-float(k)
-        )
-        for k in range(n)
-    )
 
 
 def _peak_rss() -> int:

@@ -43,14 +43,16 @@ class Faults:
     ignore_cancel: bool = False  # a cancelled generation never finishes
 
     def override(self, raw: Mapping[str, JsonValue] | None, request_id: RequestId | None) -> Faults:
-        """These defaults with a request's ``mock`` object applied on top."""
+        """These defaults with a request's ``mock`` object applied on top
+        (a key set to null turns that fault off)."""
         if not raw:
             return self
         f = Fields(raw, prefix="mock.", request_id=request_id)
         unknown = sorted(set(raw) - set(FAULT_NAMES))
         if unknown:
             raise f.fail(unknown[0], f"unknown mock option; known: {', '.join(FAULT_NAMES)}")
-        changes: dict[str, object] = {}
+        # null turns a fault off (back to its default) for this request
+        changes: dict[str, object] = {k: _OFF[k] for k, v in raw.items() if v is None}
         for name in ("token_delay", "load_delay"):
             if f.has(name):
                 changes[name] = f.number(name, 0.0, minimum=0.0)
@@ -72,6 +74,7 @@ class Faults:
 
 
 FAULT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Faults))
+_OFF: dict[str, object] = {name: getattr(Faults(), name) for name in FAULT_NAMES}
 
 
 def crash(exit_code: int, why: str) -> None:

@@ -7,8 +7,6 @@ turns a line (without or with its newline) into a typed request or raises a
 
 from __future__ import annotations
 
-import json
-
 import orjson
 
 from .errors import InvalidJson, WireError
@@ -54,8 +52,22 @@ def encode_wire(obj: dict[str, JsonValue]) -> bytes:
     try:
         return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-        return text.encode("utf-8", errors="replace") + b"\n"
+        return orjson.dumps(_scrub(obj), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _scrub(value: JsonValue) -> JsonValue:
+    """Replace lone surrogates, which UTF-8 cannot carry, with U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub_key(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def _scrub_key(key: str) -> str:
+    return key.encode("utf-8", "replace").decode("utf-8")
 
 
 def encode(reply: Reply) -> bytes:

@@ -52,6 +52,10 @@ class Fields:
         self._prefix = prefix
         self._request_id = request_id
 
+    @property
+    def request_id(self) -> RequestId | None:
+        return self._request_id
+
     def name(self, key: str) -> str:
         return f"{self._prefix}{key}"
 
@@ -125,7 +129,10 @@ class Fields:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"must be a number, got {describe(value)}")
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:
+            result = math.inf
         if not math.isfinite(result):
             raise self.fail(key, "must be a finite number")
         _check_range(self, key, result, minimum, maximum, "a number")
@@ -170,6 +177,8 @@ class Fields:
     def int_list(self, key: str, *, required: bool = False, minimum: int = 0) -> tuple[int, ...]:
         out: list[int] = []
         for i, item in enumerate(self.list_(key, required=required) or []):
+            if isinstance(item, float) and item.is_integer():
+                item = int(item)
             if isinstance(item, bool) or not isinstance(item, int):
                 raise self.fail(f"{key}[{i}]", f"must be an integer, got {describe(item)}")
             if item < minimum:

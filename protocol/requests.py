@@ -183,16 +183,12 @@ def _sampling(f: Fields) -> Sampling:
     repetition_penalty = f.number("repetition_penalty", 0.0, minimum=0.0)
     if not repetition_penalty:
         repetition_penalty = f.number("repeat_penalty", 0.0, minimum=0.0)
-    bias_raw = f.object_("logit_bias") or {}
     bias: list[tuple[int, float]] = []
-    for key in bias_raw:
-        try:
-            token = int(key)
-        except ValueError:
-            raise f.fail(f"logit_bias[{key!r}]", "keys must be token ids") from None
-        if token < 0:
-            raise f.fail(f"logit_bias[{key!r}]", "keys must be token ids ≥ 0")
-        bias.append((token, f.nested("logit_bias", bias_raw).number(key, 0.0)))
+    for key, value in (f.object_("logit_bias") or {}).items():
+        name = f"logit_bias[{key!r}]"
+        if not (key.isascii() and key.isdigit()):
+            raise f.fail(name, "keys must be token ids (decimal integers ≥ 0)")
+        bias.append((int(key), Fields({name: value}, request_id=f.request_id).number(name, 0.0)))
     return Sampling(
         max_tokens=f.int_("max_tokens", DEFAULT_MAX_TOKENS, minimum=1) or DEFAULT_MAX_TOKENS,
         temperature=f.number("temperature", 0.0, minimum=0.0),
@@ -202,7 +198,7 @@ def _sampling(f: Fields) -> Sampling:
         repetition_penalty=repetition_penalty or None,
         repetition_context_size=f.int_("repetition_context_size", 20, minimum=1) or 20,
         logit_bias=tuple(bias),
-        seed=f.int_("seed", minimum=0),
+        seed=f.int_("seed", minimum=0, maximum=2**64 - 1),
         stop=f.str_list("stop"),
         logprobs=f.int_("logprobs", 0, minimum=0, maximum=MAX_LOGPROBS) or 0,
     )

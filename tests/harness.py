@@ -19,13 +19,7 @@ from typing import Any
 
 import orjson
 
-try:
-    from tests.schema_check import validate_reply
-except ImportError:  # pragma: no cover - the schema helper lands separately
-
-    def validate_reply(obj: dict[str, Any]) -> None:
-        return None
-
+from tests.schema_check import validate_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 Line = dict[str, Any]

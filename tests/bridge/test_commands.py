@@ -217,3 +217,25 @@ def test_preload_with_model_flag(tiny_model: Path) -> None:
     with WorkerProcess("bridge", ["--model", str(tiny_model)]) as worker:
         lines = worker.request({"cmd": "generate", "id": 1, "prompt": "x", "max_tokens": 2})
         assert lines[-1]["type"] == "done"  # the preload's reply is never written
+
+
+def test_token_ids_are_checked_against_the_vocabulary(loaded_worker: WorkerProcess) -> None:
+    vocab = loaded_worker.call({"cmd": "info", "id": "v"})["vocab_size"]
+    bad = loaded_worker.call(
+        {"cmd": "generate", "id": "lb", "prompt": "x", "logit_bias": {str(vocab): 5}}
+    )
+    assert bad["code"] == "invalid_request" and "outside the vocabulary" in bad["error"]
+    wide = loaded_worker.request(
+        {
+            "cmd": "generate",
+            "id": "k",
+            "prompt": "x",
+            "max_tokens": 3,
+            "temperature": 1,
+            "top_k": vocab + 10,
+        }
+    )
+    assert wide[-1]["finish_reason"] == "length"
+    loaded_worker.send(b'{"cmd":"generate","id":"s","prompt":"x","seed":18446744073709551616}\n')
+    huge_seed = loaded_worker.read()
+    assert huge_seed["code"] == "invalid_request" and huge_seed["error"].startswith("seed:")

@@ -1,0 +1,79 @@
+"""Build a random-weight model with a real model's shape (default: Qwen3-0.6B), for timing.
+
+The tokenizer and chat template come from the offline demo model; embedding
+rows past its vocabulary are zeroed so they are never sampled. Build it where
+it runs (the weights are too big to carry to the GPU machine):
+
+    python bench/shaped_model.py OUT_DIR [--dtype bfloat16] [--layers 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+QWEN3_0_6B = {
+    "model_type": "qwen3",
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "intermediate_size": 3072,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def build(out: Path, *, dtype: str, layers: int) -> Path:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models import qwen3
+
+    from bridge import demo_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = demo_model.build(Path(tmp) / "tiny")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny / name, out / name)
+        tiny_config = json.loads((tiny / "config.json").read_text())
+    known_vocab = int(tiny_config["vocab_size"])
+    config = {**QWEN3_0_6B, "num_hidden_layers": layers, "torch_dtype": dtype}
+    config["eos_token_id"] = tiny_config["eos_token_id"]
+    mx.random.seed(0)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model.update(
+        tree_map(
+            lambda p: (p * 0.02 if p.ndim > 1 else p).astype(getattr(mx, dtype)), model.parameters()
+        )
+    )
+    embed = model.model.embed_tokens.weight
+    keep = (mx.arange(embed.shape[0]) < known_vocab)[:, None]
+    model.model.embed_tokens.weight = mx.where(keep, embed * 50, mx.zeros_like(embed))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--layers", type=int, default=QWEN3_0_6B["num_hidden_layers"])
+    args = p.parse_args()
+    sys.stdout.write(f"{build(args.out, dtype=args.dtype, layers=args.layers)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

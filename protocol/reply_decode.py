@@ -1,0 +1,234 @@
+"""Replies back into types: one decoded JSON object in, one reply dataclass out.
+
+The inverse of :meth:`Reply.to_wire <protocol.replies.Reply>`, for hosts
+written in Python (``supervisor``) and for tests. ``parse_reply`` picks the
+class by ``type`` and reads every field through :class:`~protocol.fields.Fields`.
+
+Errors: both are :class:`~protocol.errors.WireError`, so a caller that only
+wants "this line is not a valid reply" catches ``WireError``.
+
+- :class:`~protocol.errors.InvalidJson` when the value is not a JSON object;
+- :class:`~protocol.errors.InvalidRequest` (code ``invalid_request``: the
+  protocol has no separate code for a bad *reply*) when ``type`` is missing or
+  unknown, or a field is missing or of the wrong type. The message names the
+  field the way request errors do, prefixed with the reply type:
+  ``done.tokens_generated: required``.
+
+Fields the dataclass gives a default are optional here; unknown fields are
+ignored, so replies from newer workers still decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from .errors import InvalidJson, InvalidRequest, RequestId
+from .fields import Fields, JsonValue, describe
+from .replies import (
+    Bye,
+    Done,
+    ErrorReply,
+    HelloReply,
+    InfoReply,
+    Loaded,
+    MemoryStats,
+    ModelFacts,
+    Pong,
+    Reply,
+    TextReply,
+    TokenEvent,
+    TokensReply,
+    TopLogprob,
+    Unloaded,
+)
+
+__all__ = ["REPLY_TYPES", "parse_reply", "parse_reply_id"]
+
+
+def parse_reply_id(raw: Mapping[str, object]) -> RequestId | None:
+    value = raw.get("id")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise InvalidRequest(f"id: must be a string or an integer, got {describe(value)}")
+
+
+def parse_reply(obj: object) -> Reply:
+    """Decode one JSON value (already parsed) into a reply dataclass."""
+    if not isinstance(obj, dict):
+        raise InvalidJson(f"a reply must be a JSON object, got {describe(obj)}")
+    rid = parse_reply_id(obj)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequest(
+            "type: required" if kind is None else f"type: must be a string, got {describe(kind)}",
+            request_id=rid,
+        )
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise InvalidRequest(
+            f"type: unknown reply type {kind!r}; known: {', '.join(REPLY_TYPES)}", request_id=rid
+        )
+    return parser(Fields(obj, prefix=f"{kind}.", request_id=rid), rid)
+
+
+# -- typed reads a reply needs beyond Fields -----------------------------------------
+
+
+def _int(f: Fields, key: str) -> int:
+    if not f.has(key):
+        raise f.fail(key, "required")
+    value = f.int_(key)
+    assert value is not None
+    return value
+
+
+def _float(f: Fields, key: str) -> float:
+    if not f.has(key):
+        raise f.fail(key, "required")
+    return f.number(key, 0.0)
+
+
+def _bool(f: Fields, key: str) -> bool:
+    if not f.has(key):
+        raise f.fail(key, "required")
+    return f.bool_(key, False)
+
+
+def _optional_float(f: Fields, key: str) -> float | None:
+    return f.number(key, 0.0) if f.has(key) else None
+
+
+def _str_tuple(f: Fields, key: str) -> tuple[str, ...]:
+    items = f.list_(key, required=True) or []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise f.fail(f"{key}[{i}]", f"must be a string, got {describe(item)}")
+    return tuple(items)  # type: ignore[arg-type]
+
+
+def _mapping(f: Fields, key: str, kind: type, what: str) -> dict[str, JsonValue]:
+    value = f.object_(key)
+    if value is None:
+        raise f.fail(key, "required")
+    for name, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, kind):
+            raise f.fail(f"{key}.{name}", f"must be {what}, got {describe(item)}")
+    return value  # type: ignore[return-value]
+
+
+# -- one parser per reply type --------------------------------------------------------
+
+
+def _facts(f: Fields) -> ModelFacts:
+    return ModelFacts(
+        path=f.required_str("path"),
+        model_type=f.required_str("model_type"),
+        vocab_size=_int(f, "vocab_size"),
+        layers=_int(f, "layers"),
+        hidden_size=_int(f, "hidden_size"),
+        num_attention_heads=_int(f, "num_attention_heads"),
+        num_key_value_heads=_int(f, "num_key_value_heads"),
+        head_dim=_int(f, "head_dim"),
+        context_len=f.int_("context_len"),
+        dtype=f.required_str("dtype"),
+        quantization=f.object_("quantization"),  # type: ignore[arg-type]
+        parameters=_int(f, "parameters"),
+        vision=f.bool_("vision", False),
+    )
+
+
+def _hello(f: Fields, rid: RequestId | None) -> HelloReply:
+    return HelloReply(
+        id=rid,
+        protocol_version=_int(f, "protocol_version"),
+        versions=_mapping(f, "versions", str, "a string"),  # type: ignore[arg-type]
+        commands=_str_tuple(f, "commands"),
+        sampling_options=_str_tuple(f, "sampling_options"),
+        limits=_mapping(f, "limits", int, "an integer"),  # type: ignore[arg-type]
+        pid=_int(f, "pid"),
+        model=f.str_("model"),
+    )
+
+
+def _loaded(f: Fields, rid: RequestId | None) -> Loaded:
+    return Loaded(id=rid, model=_facts(f), load_ms=_float(f, "load_ms"))
+
+
+def _top_logprobs(f: Fields) -> tuple[TopLogprob, ...] | None:
+    items = f.list_("top_logprobs")
+    if items is None:
+        return None
+    out: list[TopLogprob] = []
+    for i, item in enumerate(items):
+        key = f"top_logprobs[{i}]"
+        if not isinstance(item, dict):
+            raise f.fail(key, f"must be an object, got {describe(item)}")
+        t = f.nested(key, item)
+        out.append(
+            TopLogprob(
+                token_id=_int(t, "token_id"),
+                token=t.required_str("token"),
+                logprob=_float(t, "logprob"),
+            )
+        )
+    return tuple(out)
+
+
+def _token(f: Fields, rid: RequestId | None) -> TokenEvent:
+    return TokenEvent(
+        id=rid,
+        token=f.required_str("token"),
+        token_id=_int(f, "token_id"),
+        logprob=_optional_float(f, "logprob"),
+        top_logprobs=_top_logprobs(f),
+    )
+
+
+def _done(f: Fields, rid: RequestId | None) -> Done:
+    return Done(
+        id=rid,
+        finish_reason=f.required_str("finish_reason"),
+        tokens_generated=_int(f, "tokens_generated"),
+        prompt_tokens=_int(f, "prompt_tokens"),
+        prompt_tps=_float(f, "prompt_tps"),
+        generation_tps=_float(f, "generation_tps"),
+        ttft_ms=_optional_float(f, "ttft_ms"),
+        queue_ms=f.number("queue_ms", 0.0),
+        peak_memory_bytes=_int(f, "peak_memory_bytes"),
+    )
+
+
+def _info(f: Fields, rid: RequestId | None) -> InfoReply:
+    raw = f.object_("memory")
+    if raw is None:
+        raise f.fail("memory", "required")
+    m = f.nested("memory", raw)
+    memory = MemoryStats(
+        active_bytes=_int(m, "active_bytes"),
+        peak_bytes=_int(m, "peak_bytes"),
+        cache_bytes=_int(m, "cache_bytes"),
+        rss_bytes=_int(m, "rss_bytes"),
+    )
+    return InfoReply(id=rid, model=_facts(f), memory=memory)
+
+
+def _error(f: Fields, rid: RequestId | None) -> ErrorReply:
+    return ErrorReply(id=rid, code=f.required_str("code"), message=f.required_str("error"))
+
+
+_PARSERS: dict[str, Callable[[Fields, RequestId | None], Reply]] = {
+    "hello": _hello,
+    "pong": lambda f, rid: Pong(id=rid),
+    "loaded": _loaded,
+    "unloaded": lambda f, rid: Unloaded(id=rid, was_loaded=_bool(f, "was_loaded")),
+    "token": _token,
+    "done": _done,
+    "info": _info,
+    "tokens": lambda f, rid: TokensReply(id=rid, tokens=f.int_list("tokens", required=True)),
+    "text": lambda f, rid: TextReply(id=rid, text=f.required_str("text")),
+    "bye": lambda f, rid: Bye(id=rid),
+    "error": _error,
+}
+REPLY_TYPES: tuple[str, ...] = tuple(_PARSERS)

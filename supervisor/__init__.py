@@ -1,0 +1,54 @@
+"""Drive mlx-bridge workers from Python, without touching pipes or JSON.
+
+``Worker`` (threads) and ``AsyncWorker`` (asyncio) spawn ``python -m bridge``
+(or any command speaking the protocol, such as ``python -m mock_worker``),
+wait for its ``hello``, stream tokens, cancel, restart it after a crash if
+asked to, and close it in escalating steps. See ``supervisor.errors`` for
+what can go wrong.
+"""
+
+from protocol.replies import HelloReply, InfoReply, Loaded, MemoryStats, ModelFacts, TopLogprob
+
+from .async_stream import AsyncStream
+from .async_worker import AsyncWorker
+from .errors import (
+    MemoryLimitExceeded,
+    ProtocolError,
+    RequestError,
+    SupervisorError,
+    WorkerClosed,
+    WorkerCrashed,
+    WorkerTimeout,
+)
+from .restart import RestartPolicy
+from .results import StreamResult, Timings, Token, Usage, WorkerStats
+from .settings import USE_DEFAULT
+from .stream import Stream
+from .worker import Worker
+
+__all__ = [
+    "USE_DEFAULT",
+    "AsyncStream",
+    "AsyncWorker",
+    "HelloReply",
+    "InfoReply",
+    "Loaded",
+    "MemoryLimitExceeded",
+    "MemoryStats",
+    "ModelFacts",
+    "ProtocolError",
+    "RequestError",
+    "RestartPolicy",
+    "Stream",
+    "StreamResult",
+    "SupervisorError",
+    "Timings",
+    "Token",
+    "TopLogprob",
+    "Usage",
+    "Worker",
+    "WorkerClosed",
+    "WorkerCrashed",
+    "WorkerStats",
+    "WorkerTimeout",
+]

@@ -1,0 +1,254 @@
+"""One worker process for ``AsyncWorker``: the asyncio twin of :mod:`supervisor.process`.
+
+Spawned with ``asyncio.create_subprocess_exec``; stdout is read by one task
+in chunks (lines are framed by :class:`~supervisor.core.WorkerCore`, so the
+``StreamReader`` limit only bounds buffering; it is set explicitly to the
+line limit all the same), stderr is drained by another task. End of stdout
+means the worker is gone: its requests fail at once and the owner is told.
+
+Signals are sent with ``os.kill`` while the process is known to be running,
+not through ``Popen.send_signal``, whose ``poll()`` could reap the child
+behind the back of asyncio's child watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from protocol.errors import RequestId
+
+from .core import ErrorFactory, WorkerCore
+from .errors import SupervisorError, WorkerClosed, WorkerCrashed
+from .probe import ProcessProbe
+from .settings import Settings
+from .stderr import StderrLog
+
+__all__ = ["AsyncChild"]
+
+log = logging.getLogger("supervisor")
+
+READ_CHUNK = 1 << 18
+EXIT_AFTER_EOF_S = 1.0
+STDERR_SETTLE_S = 0.1
+JOIN_TIMEOUT_S = 5.0
+
+OnExit = Callable[["AsyncChild", ErrorFactory], None]
+
+
+class AsyncChild:
+    @classmethod
+    async def spawn(cls, settings: Settings, on_exit: OnExit) -> AsyncChild:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *settings.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=settings.child_env(),
+                cwd=settings.cwd,
+                limit=settings.max_line_bytes,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise WorkerCrashed(
+                f"could not start the worker {settings.command[0]!r}: {exc}", exit_code=None
+            ) from exc
+        return cls(settings, proc, on_exit)
+
+    def __init__(
+        self, settings: Settings, proc: asyncio.subprocess.Process, on_exit: OnExit
+    ) -> None:
+        self.settings = settings
+        self.proc = proc
+        self.pid = proc.pid
+        self.core = WorkerCore(max_line_bytes=settings.max_line_bytes)
+        self.probe = ProcessProbe(self.pid)
+        self.stderr = StderrLog(pid=self.pid, tail_bytes=settings.stderr_tail_bytes)
+        self.closing = False
+        self.kill_reason: str | None = None
+        self.exited = asyncio.Event()
+        self.handled = asyncio.Event()  # set by the owner once it has dealt with the exit
+        self._on_exit = on_exit
+        self._drain_lock = asyncio.Lock()
+        self._stderr_task = asyncio.create_task(
+            self._drain_stderr(), name=f"supervisor-stderr-{self.pid}"
+        )
+        self._stdout_task = asyncio.create_task(
+            self._read_stdout(), name=f"supervisor-stdout-{self.pid}"
+        )
+
+    @property
+    def dying(self) -> bool:
+        """Killed by us, or already gone."""
+        return self.kill_reason is not None or self.exited.is_set()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    # -- writing ------------------------------------------------------------------
+
+    def send(self, line: bytes) -> bool:
+        """Queue one line for writing; False if stdin is gone."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing() or self.exited.is_set():
+            return False
+        try:
+            stdin.write(line)
+        except (OSError, RuntimeError):
+            return False
+        return True
+
+    async def drain(self) -> None:
+        """Wait until the pipe takes what was queued (flow control)."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        try:
+            async with self._drain_lock:
+                await stdin.drain()
+        except (OSError, RuntimeError):
+            pass  # the worker is gone; the stdout task reports it
+
+    def _close_stdin(self) -> None:
+        stdin = self.proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+
+    # -- the pipe tasks -----------------------------------------------------------------
+
+    async def _drain_stderr(self) -> None:
+        reader = self.proc.stderr
+        assert reader is not None
+        try:
+            while chunk := await reader.read(65536):
+                self.stderr.feed(chunk)
+        except OSError:
+            pass
+        self.stderr.close()
+
+    async def _read_stdout(self) -> None:
+        reader = self.proc.stdout
+        assert reader is not None
+        core = self.core
+        try:
+            while chunk := await reader.read(READ_CHUNK):
+                for rid in core.feed(chunk):
+                    self.send(core.cancel_line(rid))
+        except OSError:
+            pass
+        except Exception:
+            log.exception("supervisor: reading worker %d failed; killing it", self.pid)
+            self.kill("the supervisor failed to read its output")
+        await self._output_ended()
+
+    async def _output_ended(self) -> None:
+        self.core.end_of_output()
+        returncode = await self._reap()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stderr_task), STDERR_SETTLE_S)
+        except asyncio.TimeoutError:
+            pass
+        make_error = self._exit_error(returncode)
+        self.core.fail_all(make_error, close=True)
+        self._close_stdin()
+        self.exited.set()
+        try:
+            self._on_exit(self, make_error)
+        except Exception:
+            log.exception("supervisor: handling the exit of worker %d failed", self.pid)
+        finally:
+            self.handled.set()
+
+    async def _reap(self) -> int:
+        if self.closing:
+            return await self.proc.wait()
+        try:
+            return await asyncio.wait_for(self.proc.wait(), EXIT_AFTER_EOF_S)
+        except asyncio.TimeoutError:
+            log.warning("worker %d closed its stdout but did not exit; killing it", self.pid)
+            self.kill("it closed its stdout")
+            return await self.proc.wait()
+
+    def _exit_error(self, returncode: int) -> ErrorFactory:
+        if self.closing:
+            return lambda rid: WorkerClosed("the worker was closed", request_id=rid)
+        if self.kill_reason is not None:
+            message = f"worker {self.pid} was killed by the supervisor: {self.kill_reason}"
+        else:
+            message = f"worker {self.pid} died"
+        tail = self.stderr.tail
+
+        def make(rid: RequestId | None) -> SupervisorError:
+            return WorkerCrashed(message, exit_code=returncode, stderr_tail=tail, request_id=rid)
+
+        return make
+
+    # -- ending ---------------------------------------------------------------------
+
+    def _signal(self, signum: int) -> None:
+        if self.proc.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL now; the stdout task then reports the death as usual."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        self._signal(signal.SIGKILL)
+
+    async def _wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self, quit_line: bytes | None) -> None:
+        """The close ladder (quit, SIGTERM, SIGKILL; see ``SyncChild.close``).
+        If this coroutine is cancelled on the way, the worker is killed."""
+        s = self.settings
+        self.closing = self.closing or self.proc.returncode is None
+        try:
+            if self.proc.returncode is None:
+                if quit_line is not None:
+                    self.send(quit_line)
+                self._close_stdin()
+                if not await self._wait(s.quit_timeout):
+                    log.warning(
+                        "worker %d still running %.1f s after quit; sending SIGTERM",
+                        self.pid,
+                        s.quit_timeout,
+                    )
+                    self._signal(signal.SIGTERM)
+                    if not await self._wait(s.term_timeout):
+                        log.warning(
+                            "worker %d still running %.1f s after SIGTERM; sending SIGKILL",
+                            self.pid,
+                            s.term_timeout,
+                        )
+                        self.kill("it did not exit on quit or SIGTERM")
+                        if not await self._wait(s.kill_timeout):
+                            log.error("worker %d survived SIGKILL", self.pid)
+            self._close_stdin()
+            await self._release()
+        except BaseException:
+            self.kill("closing was interrupted")
+            self._close_stdin()
+            raise
+
+    async def _release(self) -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in (self._stdout_task, self._stderr_task) if t is not me]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=JOIN_TIMEOUT_S)
+        for task in pending:
+            log.error("%s did not end: another process holds the pipe", task.get_name())
+            task.cancel()

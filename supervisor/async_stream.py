@@ -1,0 +1,248 @@
+"""Asyncio receivers of one request's output: the twins of :mod:`supervisor.stream`.
+
+Fed by the worker's stdout task on the event loop, read by one task. A token
+already received is returned by ``__anext__`` without suspending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from protocol.fields import JsonValue
+from protocol.replies import Done, Reply
+
+from .errors import SupervisorError
+from .results import StreamResult, Token
+
+if TYPE_CHECKING:
+    from .async_process import AsyncChild
+    from .async_worker import AsyncSupervision
+
+__all__ = ["AsyncReplySink", "AsyncStream"]
+
+log = logging.getLogger("supervisor")
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    if event.is_set():
+        return True
+    if timeout is None:
+        await event.wait()
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+class AsyncReplySink:
+    """Waits for the single reply of a non-streaming request."""
+
+    __slots__ = ("_event", "_reply", "_error")
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._reply: Reply | None = None
+        self._error: SupervisorError | None = None
+
+    def tokens(self, batch: list[Token]) -> None:
+        pass
+
+    def finish(self, reply: Reply) -> None:
+        self._reply = reply
+        self._event.set()
+
+    def fail(self, error: SupervisorError) -> None:
+        self._error = error
+        self._event.set()
+
+    async def wait(self, timeout: float | None) -> bool:
+        return await _wait_event(self._event, timeout)
+
+    def value(self) -> Reply:
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
+
+
+class AsyncStream:
+    """The tokens of one ``generate`` or ``chat``; see :class:`~supervisor.stream.Stream`.
+
+    The request is sent when the stream is entered (``async with``) or first
+    read. ``async for`` it (from one task); ``async with`` cancels it on an
+    early exit or an exception; ``result`` says how it ended.
+    """
+
+    def __init__(
+        self,
+        supervision: AsyncSupervision,
+        cmd: str,
+        fields: Mapping[str, JsonValue],
+        timeout: float | None,
+    ) -> None:
+        self._supervision = supervision
+        self._request: tuple[str, Mapping[str, JsonValue]] | None = (cmd, fields)
+        self._child: AsyncChild | None = None
+        self.request_id = 0  # set once the request is sent
+        self._timeout = timeout
+        self._inbox: list[Token] = []
+        self._batch: list[Token] = []
+        self._pos = 0
+        self._ended = asyncio.Event()
+        self._done: Done | None = None
+        self._error: SupervisorError | None = None
+        self._raised = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- Sink: called by the stdout task ------------------------------------------------
+
+    def tokens(self, batch: list[Token]) -> None:
+        if self._inbox:
+            self._inbox.extend(batch)
+        else:
+            self._inbox = batch
+        self._wake()
+
+    def finish(self, reply: Reply) -> None:
+        assert isinstance(reply, Done)
+        self._done = reply
+        self._ended.set()
+        self._wake()
+
+    def fail(self, error: SupervisorError) -> None:
+        self._error = error
+        self._ended.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Token:
+        pos = self._pos
+        if pos < len(self._batch):
+            self._pos = pos + 1
+            return self._batch[pos]
+        return await self._refill()
+
+    async def _send(self) -> AsyncChild:
+        """Send the request, the first time the stream is entered or read."""
+        if self._child is not None:
+            return self._child
+        assert self._request is not None
+        cmd, fields = self._request
+        self._request = None
+        child = await self._supervision.ready()
+        self.request_id, line = child.core.open(cmd, fields, self)
+        self._child = child
+        child.send(line)
+        await child.drain()
+        return child
+
+    async def _refill(self) -> Token:
+        child = self._child or await self._send()
+        while not self._inbox:
+            if self._ended.is_set():
+                self._batch = []
+                self._pos = 0
+                if self._error is not None and not self._raised:
+                    self._raised = True
+                    raise self._error
+                raise StopAsyncIteration
+            await self._news(child)
+        self._batch, self._inbox = self._inbox, []
+        self._pos = 1
+        return self._batch[0]
+
+    async def _news(self, child: AsyncChild) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        timeout = self._timeout
+        try:
+            if timeout is None:
+                await waiter
+            else:
+                await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            assert timeout is not None
+            error = await self._supervision.expire(child, self.request_id, self, timeout)
+            self._inbox = []
+            self._error = error
+            self._ended.set()
+        finally:
+            self._waiter = None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the end (no more than ``timeout`` seconds); True if ended."""
+        await self._send()
+        return await _wait_event(self._ended, timeout)
+
+    @property
+    def result(self) -> StreamResult:
+        """How the generation ended, once it has (after ``async for``, or
+        ``await stream.wait()``); raises the stream's error if it failed."""
+        if not self._ended.is_set():
+            raise RuntimeError("the stream is still running; await stream.wait() first")
+        if self._error is not None:
+            raise self._error
+        assert self._done is not None
+        return StreamResult.of(self._done)
+
+    async def text(self) -> str:
+        """Read the remaining tokens and return their text."""
+        return "".join([token.text async for token in self])
+
+    # -- cancelling ---------------------------------------------------------------------
+
+    async def cancel(self) -> None:
+        """Cancel the request; see :meth:`Stream.cancel <supervisor.stream.Stream.cancel>`."""
+        if self._ended.is_set() or self._child is None:
+            return
+        await self._supervision.cancel(self._child, self.request_id, self)
+
+    async def aclose(self) -> None:
+        await self.cancel()
+
+    async def __aenter__(self) -> AsyncStream:
+        await self._send()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.aclose()
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            # The task is being cancelled: ask the worker to stop, without waiting.
+            if self._child is not None and not self._ended.is_set():
+                self._supervision.cancel_nowait(self._child, self.request_id)
+            return
+        try:
+            await self.aclose()
+        except SupervisorError as error:  # do not hide the exception already raised
+            log.warning(
+                "while leaving stream %d on %s: %s", self.request_id, exc_type.__name__, error
+            )
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended.is_set() else "running"
+        return f"<AsyncStream id={self.request_id} {state}>"

@@ -1,0 +1,571 @@
+"""``AsyncWorker``: the asyncio twin of :class:`~supervisor.worker.Worker`.
+
+Same arguments, same methods (``await``-ed), same errors; streams are
+``async for``/``async with``. It starts in ``async with`` or ``await
+w.start()``, and closes in ``aclose()``. A worker forgotten without
+``aclose()`` is killed by its finalizer (a coroutine cannot run there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
+from protocol.errors import RequestId
+from protocol.fields import JsonValue
+from protocol.replies import (
+    HelloReply,
+    InfoReply,
+    Loaded,
+    ModelFacts,
+    Pong,
+    Reply,
+    TextReply,
+    TokensReply,
+    Unloaded,
+)
+
+from . import commands
+from .async_process import AsyncChild
+from .async_stream import AsyncReplySink, AsyncStream
+from .core import ErrorFactory
+from .errors import (
+    RequestError,
+    SupervisorError,
+    WorkerClosed,
+    WorkerTimeout,
+)
+from .lifecycle import QuitSink, State, expect, fixed_error, gave_up_error, memory_error
+from .restart import RestartGuard, RestartPolicy
+from .results import WorkerStats
+from .settings import USE_DEFAULT, Settings, Timeout, command_of, cwd_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["AsyncWorker"]
+
+log = logging.getLogger("supervisor")
+
+
+class AsyncSupervision:
+    """The state machine of :class:`~supervisor.worker.Supervision`, on asyncio."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._state = State.STARTING
+        self._settled = asyncio.Event()  # clear while restarting
+        self._child: AsyncChild | None = None
+        self._failure: ErrorFactory | None = None
+        self._guard = RestartGuard(settings.restart) if settings.restart else None
+        self._restart_task: asyncio.Task[None] | None = None
+        self._memory_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.hello: HelloReply | None = None
+        self.model: ModelFacts | None = None
+        self.model_fields: commands.Fields | None = None
+        self.restarts = 0
+
+    # -- start -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._state is not State.STARTING or self._child is not None:
+            raise RuntimeError("the worker was already started")
+        child = await self._launch()
+        self.hello = await self._handshake(child)
+        if self._state is State.STARTING:
+            self._state = State.READY
+            self._settled.set()
+        if self.settings.memory_limit_bytes is not None:
+            self._memory_task = asyncio.create_task(self._watch_memory(), name="supervisor-memory")
+
+    async def _launch(self) -> AsyncChild:
+        child = await AsyncChild.spawn(self.settings, self._child_exited)
+        if self._closed:
+            await child.close(None)
+            raise WorkerClosed("the worker is closed")
+        self._child = child
+        log.info("worker %d started: %s", child.pid, " ".join(self.settings.command))
+        return child
+
+    async def _handshake(self, child: AsyncChild) -> HelloReply:
+        timeout = self.settings.start_timeout
+        sink = AsyncReplySink()
+        rid, line = child.core.open("hello", None, sink)
+        child.send(line)
+        if not await sink.wait(timeout):
+            child.kill(f"no hello within {timeout:g} s")
+            tail = child.stderr.tail.rstrip()[-1000:]
+            raise WorkerTimeout(
+                f"worker {child.pid} did not answer hello within {timeout:g} s"
+                + (f"; stderr tail:\n{tail}" if tail else ""),
+                timeout=timeout,
+                request_id=rid,
+            )
+        hello = expect(sink.value(), HelloReply)
+        if hello.protocol_version != PROTOCOL_VERSION:
+            log.warning(
+                "worker %d speaks protocol %d; this supervisor speaks %d",
+                child.pid,
+                hello.protocol_version,
+                PROTOCOL_VERSION,
+            )
+        limit = hello.limits.get("max_line_bytes")
+        child.core.worker_max_line_bytes = limit if isinstance(limit, int) else None
+        return hello
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def ready(self) -> AsyncChild:
+        """See :meth:`Supervision.ready <supervisor.worker.Supervision.ready>`."""
+        while True:
+            if self._state is State.CLOSED:
+                raise WorkerClosed("the worker is closed")
+            if self._state is State.DEAD:
+                assert self._failure is not None
+                raise self._failure(None)
+            child = self._child
+            if child is None:
+                raise RuntimeError("the worker is not started; use 'async with' or 'await start()'")
+            if self._state is State.RESTARTING:
+                await self._settled.wait()
+            elif child.dying and not child.handled.is_set():
+                await child.handled.wait()
+            else:
+                return child
+
+    async def call(
+        self,
+        cmd: str,
+        fields: Mapping[str, JsonValue] | None,
+        timeout: float | None,
+        child: AsyncChild | None = None,
+    ) -> Reply:
+        child = child or await self.ready()
+        sink = AsyncReplySink()
+        rid, line = child.core.open(cmd, fields, sink)
+        child.send(line)
+        try:
+            await child.drain()
+            if not await sink.wait(timeout):
+                assert timeout is not None
+                raise await self.expire(child, rid, sink, timeout)
+        except asyncio.CancelledError:
+            if child.core.abandon(rid):
+                child.send(child.core.cancel_line(rid))
+            raise
+        return sink.value()
+
+    async def cancel(self, child: AsyncChild, rid: RequestId, sink: AsyncStream) -> None:
+        if not child.core.is_open(rid):
+            return
+        child.send(child.core.cancel_line(rid))
+        grace = self.settings.cancel_grace
+        if await sink.wait(grace):
+            return
+        error = WorkerTimeout(
+            f"request {rid} did not end within {grace:g} s of its cancel; "
+            "the worker was taken for hung and killed",
+            timeout=grace,
+            request_id=rid,
+        )
+        child.core.fail(rid, error)
+        child.kill(f"request {rid} did not end within {grace:g} s of its cancel")
+        raise error
+
+    def cancel_nowait(self, child: AsyncChild, rid: RequestId) -> None:
+        if child.core.is_open(rid):
+            child.send(child.core.cancel_line(rid))
+
+    async def expire(
+        self,
+        child: AsyncChild,
+        rid: RequestId,
+        sink: AsyncReplySink | AsyncStream,
+        timeout: float,
+    ) -> WorkerTimeout:
+        what = f"request {rid}: nothing from the worker within {timeout:g} s"
+        child.send(child.core.cancel_line(rid))
+        grace = self.settings.cancel_grace
+        if await sink.wait(grace):
+            return WorkerTimeout(f"{what}; it was cancelled", timeout=timeout, request_id=rid)
+        error = WorkerTimeout(
+            f"{what}, nor within {grace:g} s of its cancel; the worker was killed",
+            timeout=timeout,
+            request_id=rid,
+        )
+        child.core.fail(rid, error)
+        child.kill(f"request {rid} timed out and ignored its cancel")
+        return error
+
+    # -- crashes and restarts ------------------------------------------------------------
+
+    def _child_exited(self, child: AsyncChild, make_error: ErrorFactory) -> None:
+        """Runs in the dead child's stdout task, after its requests failed."""
+        if child is not self._child or self._state is not State.READY or child.closing:
+            return
+        log.error("%s", make_error(None))
+        if not self._may_restart(make_error):
+            return
+        self._state = State.RESTARTING
+        self._settled.clear()
+        self._restart_task = asyncio.create_task(self._restart(child), name="supervisor-restart")
+
+    def _may_restart(self, make_error: ErrorFactory) -> bool:
+        if self._guard is None:
+            self._die(make_error)
+            return False
+        if self._guard.allow(time.monotonic()):
+            return True
+        log.error("worker: %s", self._guard.give_up_message())
+        gave_up = gave_up_error(self._guard, make_error)
+
+        self._die(gave_up)
+        return False
+
+    def _die(self, make_error: ErrorFactory) -> None:
+        self._state = State.DEAD
+        self._failure = make_error
+        self._settled.set()
+
+    async def _restart(self, old: AsyncChild) -> None:
+        await old.close(None)
+        while self._state is State.RESTARTING:
+            try:
+                child = await self._launch()
+            except SupervisorError as exc:
+                if self._state is State.RESTARTING:
+                    self._die(fixed_error(exc))
+                return
+            try:
+                hello = await self._handshake(child)
+                if self.model_fields is not None:
+                    reply = await self.call("load", self.model_fields, None, child)
+                    self.model = expect(reply, Loaded).model
+            except SupervisorError as exc:
+                log.error("restarting the worker failed: %s", exc)
+                if self._state is not State.RESTARTING:
+                    return
+                retry = self._may_restart(fixed_error(exc))
+                await child.close(None)
+                if retry:
+                    continue
+                return
+            if self._state is not State.RESTARTING:
+                return
+            self.hello = hello
+            self.restarts += 1
+            self._state = State.READY
+            self._settled.set()
+            log.warning("worker restarted as %d (restart %d)", child.pid, self.restarts)
+            return
+
+    # -- memory ----------------------------------------------------------------------------
+
+    async def _watch_memory(self) -> None:
+        limit = self.settings.memory_limit_bytes
+        assert limit is not None
+        while True:
+            await asyncio.sleep(self.settings.memory_poll_interval)
+            child = self._child if self._state is State.READY else None
+            if child is None or child.exited.is_set():
+                continue
+            rss = child.probe.rss()
+            if rss is None or rss <= limit:
+                continue
+            message, over = memory_error(child.pid, rss, limit)
+            log.error("%s; killing it", message)
+            child.core.fail_all(over, close=True)
+            child.kill(message)
+
+    async def stats(self) -> WorkerStats:
+        child = await self.ready()
+        try:
+            reply = await self.call("info", None, self.settings.request_timeout, child)
+            mlx = expect(reply, InfoReply).memory
+        except RequestError as exc:
+            if exc.code != "no_model":
+                raise
+            mlx = None
+        return WorkerStats(
+            pid=child.pid,
+            rss_bytes=child.probe.rss() or 0,
+            cpu_percent=child.probe.cpu_percent(),
+            mlx=mlx,
+        )
+
+    # -- close ---------------------------------------------------------------------------
+
+    @property
+    def child(self) -> AsyncChild | None:
+        return self._child
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._state = State.CLOSED
+        self._settled.set()
+        child = self._child
+        try:
+            if self._memory_task is not None:
+                self._memory_task.cancel()
+                await asyncio.wait([self._memory_task])
+            if child is not None:
+                child.closing = True
+                quit_line = None
+                if child.returncode is None:
+                    try:
+                        _, quit_line = child.core.open("quit", None, QuitSink())
+                    except SupervisorError:
+                        pass
+                started = time.perf_counter()
+                await child.close(quit_line)
+                log.info(
+                    "worker %d closed in %.0f ms (exit status %s)",
+                    child.pid,
+                    (time.perf_counter() - started) * 1000,
+                    child.returncode,
+                )
+            if self._restart_task is not None:
+                await self._restart_task
+        except BaseException:
+            self.kill_now()
+            if self._restart_task is not None:
+                self._restart_task.cancel()
+            raise
+
+    def kill_now(self) -> None:
+        """SIGKILL the live worker, from any thread; for finalizers."""
+        child = self._child
+        if child is not None and child.returncode is None:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _kill_forgotten(supervision: AsyncSupervision) -> None:
+    child = supervision.child
+    if child is not None and child.returncode is None:
+        log.warning("AsyncWorker was never closed; killing worker %d", child.pid)
+        supervision.kill_now()
+
+
+class AsyncWorker:
+    """A worker process driven from asyncio; see :class:`~supervisor.worker.Worker`.
+
+    ::
+
+        async with AsyncWorker(model="path/to/model") as w:
+            async with w.chat([{"role": "user", "content": "hi"}], max_tokens=64) as stream:
+                async for token in stream:
+                    print(token.text, end="", flush=True)
+            print(stream.result.finish_reason, stream.result.usage)
+
+    The process starts in ``__aenter__`` (or ``await w.start()``), so the
+    constructor may run outside a running event loop.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str] | None = None,
+        *,
+        model: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        inherit_env: bool = True,
+        cwd: str | os.PathLike[str] | None = None,
+        start_timeout: float = 30.0,
+        request_timeout: float | None = None,
+        cancel_grace: float = 2.0,
+        quit_timeout: float = 2.0,
+        term_timeout: float = 2.0,
+        kill_timeout: float = 5.0,
+        restart: RestartPolicy | None = None,
+        memory_limit_bytes: int | None = None,
+        memory_poll_interval: float = 0.5,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self.settings = Settings(
+            command=command_of(command),
+            env=dict(env) if env is not None else None,
+            inherit_env=inherit_env,
+            cwd=cwd_of(cwd),
+            start_timeout=start_timeout,
+            request_timeout=request_timeout,
+            cancel_grace=cancel_grace,
+            quit_timeout=quit_timeout,
+            term_timeout=term_timeout,
+            kill_timeout=kill_timeout,
+            restart=restart,
+            memory_limit_bytes=memory_limit_bytes,
+            memory_poll_interval=memory_poll_interval,
+            max_line_bytes=max_line_bytes,
+        )
+        self._model = cwd_of(model)
+        self._sup = AsyncSupervision(self.settings)
+        self._finalizer = weakref.finalize(self, _kill_forgotten, self._sup)
+
+    async def start(self) -> AsyncWorker:
+        """Spawn the worker, wait for its ``hello``, load ``model`` if given."""
+        try:
+            await self._sup.start()
+            if self._model is not None:
+                await self.load(self._model)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The pid of the current (or last) worker process; a restart changes it."""
+        child = self._sup.child
+        if child is None:
+            raise RuntimeError("the worker is not started")
+        return child.pid
+
+    @property
+    def returncode(self) -> int | None:
+        child = self._sup.child
+        return child.returncode if child is not None else None
+
+    @property
+    def hello(self) -> HelloReply:
+        if self._sup.hello is None:
+            raise RuntimeError("the worker is not started")
+        return self._sup.hello
+
+    @property
+    def model(self) -> ModelFacts | None:
+        return self._sup.model
+
+    @property
+    def restarts(self) -> int:
+        return self._sup.restarts
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def load(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        adapter_path: str | None = None,
+        context_len: int | None = None,
+        trust_remote_code: bool = False,
+        force: bool = False,
+        timeout: Timeout = USE_DEFAULT,
+        extra: commands.Extra | None = None,
+    ) -> Loaded:
+        fields = commands.load_fields(
+            cwd_of(path) or "",
+            adapter_path=adapter_path,
+            context_len=context_len,
+            trust_remote_code=trust_remote_code,
+            force=force,
+            extra=extra,
+        )
+        reply = await self._sup.call("load", fields, self.settings.timeout(timeout))
+        loaded = expect(reply, Loaded)
+        self._sup.model, self._sup.model_fields = loaded.model, fields
+        return loaded
+
+    async def unload(self, *, timeout: Timeout = USE_DEFAULT) -> bool:
+        reply = await self._sup.call("unload", None, self.settings.timeout(timeout))
+        self._sup.model, self._sup.model_fields = None, None
+        return expect(reply, Unloaded).was_loaded
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: Timeout = USE_DEFAULT,
+        extra: commands.Extra | None = None,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream:
+        """A stream of the completion of ``prompt``; sent when entered or first read."""
+        fields = commands.generate_fields(prompt, commands.sampling_fields(sampling), extra)
+        return AsyncStream(self._sup, "generate", fields, self.settings.timeout(timeout))
+
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = None,
+        timeout: Timeout = USE_DEFAULT,
+        extra: commands.Extra | None = None,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream:
+        """A stream of the answer to ``messages``; sent when entered or first read."""
+        fields = commands.chat_fields(
+            messages,
+            commands.sampling_fields(sampling),
+            chat_template_kwargs=chat_template_kwargs,
+            extra=extra,
+        )
+        return AsyncStream(self._sup, "chat", fields, self.settings.timeout(timeout))
+
+    async def info(self, *, timeout: Timeout = USE_DEFAULT) -> InfoReply:
+        reply = await self._sup.call("info", None, self.settings.timeout(timeout))
+        return expect(reply, InfoReply)
+
+    async def tokenize(
+        self, text: str, *, add_special_tokens: bool = True, timeout: Timeout = USE_DEFAULT
+    ) -> tuple[int, ...]:
+        fields = commands.tokenize_fields(text, add_special_tokens=add_special_tokens)
+        reply = await self._sup.call("tokenize", fields, self.settings.timeout(timeout))
+        return expect(reply, TokensReply).tokens
+
+    async def detokenize(self, tokens: Sequence[int], *, timeout: Timeout = USE_DEFAULT) -> str:
+        fields = commands.detokenize_fields(tokens)
+        reply = await self._sup.call("detokenize", fields, self.settings.timeout(timeout))
+        return expect(reply, TextReply).text
+
+    async def ping(self, *, timeout: Timeout = USE_DEFAULT) -> float:
+        started = time.perf_counter()
+        expect(await self._sup.call("ping", None, self.settings.timeout(timeout)), Pong)
+        return time.perf_counter() - started
+
+    async def stats(self) -> WorkerStats:
+        return await self._sup.stats()
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """The close ladder (quit, SIGTERM, SIGKILL); idempotent. If this is
+        cancelled, the worker is killed rather than left behind."""
+        try:
+            await self._sup.aclose()
+        finally:
+            self._finalizer.detach()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    async def __aenter__(self) -> AsyncWorker:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        child = self._sup.child
+        where = f"pid={child.pid}" if child is not None else "not started"
+        state = " closed" if self.closed else ""
+        return f"<AsyncWorker {where}{state} {' '.join(self.settings.command)!r}>"

@@ -1,0 +1,85 @@
+"""What the host gets back: token events, a stream's final result, worker stats.
+
+``Token`` is a ``NamedTuple`` rather than a frozen dataclass: it is built once
+per generated token on the hot path, and a named tuple is built about three
+times faster while being just as immutable and typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from protocol.replies import Done, MemoryStats, TopLogprob
+
+__all__ = ["StreamResult", "Timings", "Token", "Usage", "WorkerStats"]
+
+
+class Token(NamedTuple):
+    """One generated token. ``text`` may be empty while the worker holds back
+    part of a multi-byte character or a possible stop string."""
+
+    text: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timings:
+    """As the worker measured them. ``ttft_ms`` is None when no token came."""
+
+    ttft_ms: float | None
+    prompt_tps: float
+    generation_tps: float
+    queue_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamResult:
+    """How a generation ended: ``finish_reason`` is one of ``stop``,
+    ``length``, ``stop_sequence`` or ``cancelled``."""
+
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    peak_memory_bytes: int
+
+    @classmethod
+    def of(cls, done: Done) -> StreamResult:
+        return cls(
+            finish_reason=done.finish_reason,
+            usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.tokens_generated),
+            timings=Timings(
+                ttft_ms=done.ttft_ms,
+                prompt_tps=done.prompt_tps,
+                generation_tps=done.generation_tps,
+                queue_ms=done.queue_ms,
+            ),
+            peak_memory_bytes=done.peak_memory_bytes,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerStats:
+    """A snapshot of the worker process.
+
+    ``rss_bytes`` and ``cpu_percent`` come from psutil (CPU since the previous
+    ``stats()`` call, 0.0 on the first); ``mlx`` is the worker's own ``info``
+    memory report, None when no model is loaded.
+    """
+
+    pid: int
+    rss_bytes: int
+    cpu_percent: float
+    mlx: MemoryStats | None

@@ -1,0 +1,209 @@
+"""Sync receivers of one request's output: ``Stream`` for generations, ``Reply`` for the rest.
+
+Both are :class:`~supervisor.core.Sink` s, fed by the worker's stdout thread
+and read by any one thread of the host. Tokens arrive in batches (one per
+chunk read from the pipe), so a reader takes one lock per batch, not per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Generator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from protocol.replies import Done, Reply
+
+from .errors import SupervisorError
+from .results import StreamResult, Token
+
+if TYPE_CHECKING:
+    from .process import SyncChild
+    from .worker import Supervision
+
+__all__ = ["ReplySink", "Stream"]
+
+log = logging.getLogger("supervisor")
+
+
+class ReplySink:
+    """Waits for the single reply of a non-streaming request."""
+
+    __slots__ = ("_event", "_reply", "_error")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._reply: Reply | None = None
+        self._error: SupervisorError | None = None
+
+    def tokens(self, batch: list[Token]) -> None:  # the core never sends these here
+        pass
+
+    def finish(self, reply: Reply) -> None:
+        self._reply = reply
+        self._event.set()
+
+    def fail(self, error: SupervisorError) -> None:
+        self._error = error
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+    def value(self) -> Reply:
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
+
+
+class Stream:
+    """The tokens of one ``generate`` or ``chat``, as they arrive.
+
+    Iterate it (once, from one thread) for :class:`~supervisor.results.Token`
+    events; ``result`` then holds the finish reason, usage and timings. Use
+    it as a context manager: leaving the block before the end, or on an
+    exception, cancels the request. If the worker ends with an error, the
+    tokens that came before it are yielded first, then the error is raised.
+    """
+
+    def __init__(self, supervision: Supervision, child: SyncChild, timeout: float | None) -> None:
+        self._supervision = supervision
+        self._child = child
+        self.request_id = 0  # set once the request is registered
+        self._timeout = timeout
+        self._cond = threading.Condition(threading.Lock())
+        self._inbox: list[Token] = []
+        self._ended = False
+        self._done: Done | None = None
+        self._error: SupervisorError | None = None
+        self._tokens = self._iterate()
+
+    # -- Sink: called by the stdout thread ---------------------------------------------
+
+    def tokens(self, batch: list[Token]) -> None:
+        with self._cond:
+            if self._inbox:
+                self._inbox.extend(batch)
+            else:
+                self._inbox = batch
+            self._cond.notify()
+
+    def finish(self, reply: Reply) -> None:
+        with self._cond:
+            assert isinstance(reply, Done)
+            self._done = reply
+            self._ended = True
+            self._cond.notify_all()
+
+    def fail(self, error: SupervisorError) -> None:
+        with self._cond:
+            self._error = error
+            self._ended = True
+            self._cond.notify_all()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Token:
+        return next(self._tokens)
+
+    def _iterate(self) -> Generator[Token, None, None]:
+        while batch := self._take():
+            yield from batch
+
+    def _take(self) -> list[Token]:
+        """The next batch of tokens; [] at the end; raises the stream's error."""
+        with self._cond:
+            if not self._inbox and not self._ended:
+                if not self._cond.wait_for(self._has_news, self._timeout):
+                    timed_out = True
+                else:
+                    timed_out = False
+            else:
+                timed_out = False
+            if not timed_out:
+                batch, self._inbox = self._inbox, []
+                if batch:
+                    return batch
+                if self._error is not None:
+                    raise self._error
+                return []
+        assert self._timeout is not None
+        error = self._supervision.expire(self._child, self.request_id, self, self._timeout)
+        with self._cond:
+            self._error = error
+            self._ended = True
+        raise error
+
+    def _has_news(self) -> bool:
+        return bool(self._inbox) or self._ended
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def result(self) -> StreamResult:
+        """How the generation ended. Waits for the end if need be (tokens not
+        yet read stay readable); raises the stream's error if it failed."""
+        self.wait()
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            assert self._done is not None
+            return StreamResult.of(self._done)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the end (no more than ``timeout`` seconds); True if ended."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ended, timeout)
+
+    def text(self) -> str:
+        """Read the remaining tokens and return their text."""
+        return "".join(token.text for token in self)
+
+    # -- cancelling ---------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this request and wait for its terminal line.
+
+        If that line does not come within the worker's ``cancel_grace``, the
+        worker is taken for hung: it is killed (and restarted, under a restart
+        policy), this stream ends with :class:`WorkerTimeout`, and that is
+        raised. Does nothing once the stream has ended.
+        """
+        if self._ended:
+            return
+        self._supervision.cancel(self._child, self.request_id, self)
+
+    def close(self) -> None:
+        """Cancel if still running; what the context manager does on exit."""
+        self._tokens.close()
+        self.cancel()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except SupervisorError as error:  # do not hide the exception already raised
+            log.warning(
+                "while leaving stream %d on %s: %s", self.request_id, exc_type.__name__, error
+            )
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "running"
+        return f"<Stream id={self.request_id} {state}>"

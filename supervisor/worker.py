@@ -1,0 +1,581 @@
+"""``Worker``: drive one worker process from synchronous Python, from any threads.
+
+``Worker`` is the public face: typed methods that build requests and return
+replies or streams. ``Supervision`` owns the life of the worker behind it:
+start (``hello``, then the model), restarts, the memory watch, timeouts and
+the close ladder. The split lets a ``weakref.finalize`` close a forgotten
+worker: nothing that outlives the ``Worker`` (pipe threads, streams) refers
+to it, only to its ``Supervision``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
+from protocol.errors import RequestId
+from protocol.fields import JsonValue
+from protocol.replies import (
+    HelloReply,
+    InfoReply,
+    Loaded,
+    ModelFacts,
+    Pong,
+    Reply,
+    TextReply,
+    TokensReply,
+    Unloaded,
+)
+
+from . import commands
+from .core import ErrorFactory
+from .errors import (
+    RequestError,
+    SupervisorError,
+    WorkerClosed,
+    WorkerTimeout,
+)
+from .lifecycle import QuitSink, State, expect, fixed_error, gave_up_error, memory_error
+from .process import SyncChild
+from .restart import RestartGuard, RestartPolicy
+from .results import WorkerStats
+from .settings import USE_DEFAULT, Settings, Timeout, command_of, cwd_of
+from .stream import ReplySink, Stream
+
+if TYPE_CHECKING:
+    import os
+
+    from typing_extensions import Unpack
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("supervisor")
+
+
+class Supervision:
+    """The state machine behind a ``Worker``::
+
+    STARTING -> READY <-> RESTARTING
+                  |            |
+                  v            v
+                 DEAD  ->   CLOSED   (close() from any state)
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._cond = threading.Condition()
+        self._state = State.STARTING
+        self._child: SyncChild | None = None
+        self._failure: ErrorFactory | None = None
+        self._guard = RestartGuard(settings.restart) if settings.restart else None
+        self._retired: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._memory_thread: threading.Thread | None = None
+        self._closed = False
+        self.hello: HelloReply | None = None
+        self.model: ModelFacts | None = None
+        self.model_fields: commands.Fields | None = None
+        self.restarts = 0
+
+    # -- start -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            child = self._launch()
+        self.hello = self._handshake(child)
+        with self._cond:
+            if self._state is State.STARTING:
+                self._state = State.READY
+        if self.settings.memory_limit_bytes is not None:
+            self._memory_thread = threading.Thread(
+                target=self._watch_memory, name="supervisor-memory", daemon=True
+            )
+            self._memory_thread.start()
+
+    def _launch(self) -> SyncChild:
+        """Spawn a child and make it current (lock held)."""
+        child = SyncChild(self.settings, self._child_exited)
+        self._child = child
+        log.info("worker %d started: %s", child.pid, " ".join(self.settings.command))
+        return child
+
+    def _handshake(self, child: SyncChild) -> HelloReply:
+        timeout = self.settings.start_timeout
+        sink = ReplySink()
+        rid, line = child.core.open("hello", None, sink)
+        child.send(line)
+        if not sink.wait(timeout):
+            child.kill(f"no hello within {timeout:g} s")
+            tail = child.stderr.tail.rstrip()[-1000:]
+            raise WorkerTimeout(
+                f"worker {child.pid} did not answer hello within {timeout:g} s"
+                + (f"; stderr tail:\n{tail}" if tail else ""),
+                timeout=timeout,
+                request_id=rid,
+            )
+        hello = expect(sink.value(), HelloReply)
+        if hello.protocol_version != PROTOCOL_VERSION:
+            log.warning(
+                "worker %d speaks protocol %d; this supervisor speaks %d",
+                child.pid,
+                hello.protocol_version,
+                PROTOCOL_VERSION,
+            )
+        limit = hello.limits.get("max_line_bytes")
+        child.core.worker_max_line_bytes = limit if isinstance(limit, int) else None
+        return hello
+
+    # -- requests ----------------------------------------------------------------------
+
+    def ready(self) -> SyncChild:
+        """The live child, after any restart in progress; raises if there is none.
+
+        A child that we killed (or that is known dead) is waited out until its
+        exit has been handled, so a request right after a kill goes to the
+        restarted worker, or fails with the reason, instead of into the void.
+        """
+        with self._cond:
+            while True:
+                if self._state is State.CLOSED:
+                    raise WorkerClosed("the worker is closed")
+                if self._state is State.DEAD:
+                    assert self._failure is not None
+                    raise self._failure(None)
+                child = self._child
+                assert child is not None
+                if self._state is State.RESTARTING or (child.dying and not child.handled):
+                    self._cond.wait()
+                    continue
+                return child
+
+    def call(
+        self,
+        cmd: str,
+        fields: Mapping[str, JsonValue] | None,
+        timeout: float | None,
+        child: SyncChild | None = None,
+    ) -> Reply:
+        child = child or self.ready()
+        sink = ReplySink()
+        rid, line = child.core.open(cmd, fields, sink)
+        child.send(line)
+        if not sink.wait(timeout):
+            assert timeout is not None
+            raise self.expire(child, rid, sink, timeout)
+        return sink.value()
+
+    def stream(self, cmd: str, fields: Mapping[str, JsonValue], timeout: float | None) -> Stream:
+        child = self.ready()
+        stream = Stream(self, child, timeout)
+        stream.request_id, line = child.core.open(cmd, fields, stream)
+        child.send(line)
+        return stream
+
+    def cancel(self, child: SyncChild, rid: RequestId, sink: Stream) -> None:
+        if not child.core.is_open(rid):
+            return
+        child.send(child.core.cancel_line(rid))
+        grace = self.settings.cancel_grace
+        if sink.wait(grace):
+            return
+        error = WorkerTimeout(
+            f"request {rid} did not end within {grace:g} s of its cancel; "
+            "the worker was taken for hung and killed",
+            timeout=grace,
+            request_id=rid,
+        )
+        child.core.fail(rid, error)
+        child.kill(f"request {rid} did not end within {grace:g} s of its cancel")
+        raise error
+
+    def expire(
+        self, child: SyncChild, rid: RequestId, sink: ReplySink | Stream, timeout: float
+    ) -> WorkerTimeout:
+        """A request's timeout passed: cancel it, and kill a worker that does
+        not even end it then. Returns the error to raise."""
+        what = f"request {rid}: nothing from the worker within {timeout:g} s"
+        child.send(child.core.cancel_line(rid))
+        grace = self.settings.cancel_grace
+        if sink.wait(grace):
+            return WorkerTimeout(f"{what}; it was cancelled", timeout=timeout, request_id=rid)
+        error = WorkerTimeout(
+            f"{what}, nor within {grace:g} s of its cancel; the worker was killed",
+            timeout=timeout,
+            request_id=rid,
+        )
+        child.core.fail(rid, error)
+        child.kill(f"request {rid} timed out and ignored its cancel")
+        return error
+
+    # -- crashes and restarts ------------------------------------------------------------
+
+    def _child_exited(self, child: SyncChild, make_error: ErrorFactory) -> None:
+        """Runs on the dead child's stdout thread, after its requests failed."""
+        with self._cond:
+            child.handled = True
+            self._cond.notify_all()
+            if child is not self._child or self._state is not State.READY or child.closing:
+                return  # closing, starting (the handshake raises), or restarting (retried there)
+            log.error("%s", make_error(None))
+            if not self._may_restart(make_error):
+                return
+            self._state = State.RESTARTING
+            self._retired.append(threading.current_thread())
+        child.close(None)
+        self._restart()
+
+    def _may_restart(self, make_error: ErrorFactory) -> bool:
+        """Lock held. False (and DEAD) if there is no policy or the guard says no."""
+        if self._guard is None:
+            self._state = State.DEAD
+            self._failure = make_error
+            self._cond.notify_all()
+            return False
+        if self._guard.allow(time.monotonic()):
+            return True
+        log.error("worker: %s", self._guard.give_up_message())
+        gave_up = gave_up_error(self._guard, make_error)
+
+        self._state = State.DEAD
+        self._failure = gave_up
+        self._cond.notify_all()
+        return False
+
+    def _restart(self) -> None:
+        """Spawn, handshake and reload until it works or the guard gives up."""
+        while True:
+            with self._cond:
+                if self._state is not State.RESTARTING:
+                    return
+                try:
+                    child = self._launch()
+                except SupervisorError as exc:
+                    self._state = State.DEAD
+                    self._failure = fixed_error(exc)
+                    self._cond.notify_all()
+                    return
+            try:
+                hello = self._handshake(child)
+                if self.model_fields is not None:
+                    loaded = expect(self.call("load", self.model_fields, None, child), Loaded)
+                    self.model = loaded.model
+            except SupervisorError as exc:
+                log.error("restarting the worker failed: %s", exc)
+                with self._cond:
+                    if self._state is not State.RESTARTING:
+                        return
+                    retry = self._may_restart(fixed_error(exc))
+                child.close(None)
+                if retry:
+                    continue
+                return
+            with self._cond:
+                if self._state is not State.RESTARTING:
+                    return  # closed meanwhile; close() took care of the child
+                self.hello = hello
+                self.restarts += 1
+                self._state = State.READY
+                self._cond.notify_all()
+            log.warning("worker restarted as %d (restart %d)", child.pid, self.restarts)
+            return
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def _watch_memory(self) -> None:
+        limit = self.settings.memory_limit_bytes
+        assert limit is not None
+        while not self._stop.wait(self.settings.memory_poll_interval):
+            with self._cond:
+                child = self._child if self._state is State.READY else None
+            if child is None or child.exited.is_set():
+                continue
+            rss = child.probe.rss()
+            if rss is None or rss <= limit:
+                continue
+            message, over = memory_error(child.pid, rss, limit)
+            log.error("%s; killing it", message)
+            child.core.fail_all(over, close=True)
+            child.kill(message)
+
+    def stats(self) -> WorkerStats:
+        child = self.ready()
+        try:
+            info = expect(self.call("info", None, self.settings.request_timeout, child), InfoReply)
+            mlx = info.memory
+        except RequestError as exc:
+            if exc.code != "no_model":
+                raise
+            mlx = None
+        return WorkerStats(
+            pid=child.pid,
+            rss_bytes=child.probe.rss() or 0,
+            cpu_percent=child.probe.cpu_percent(),
+            mlx=mlx,
+        )
+
+    # -- close ---------------------------------------------------------------------------
+
+    @property
+    def child(self) -> SyncChild | None:
+        return self._child
+
+    def close(self) -> None:
+        """The close ladder on the live child, then join every thread. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._state = State.CLOSED
+            self._cond.notify_all()
+            child = self._child
+            retired, self._retired = self._retired, []
+        self._stop.set()
+        me = threading.current_thread()
+        if self._memory_thread is not None and self._memory_thread is not me:
+            self._memory_thread.join()
+        if child is not None:
+            child.closing = True
+            quit_line = None
+            if child.returncode is None:
+                try:
+                    _, quit_line = child.core.open("quit", None, QuitSink())
+                except SupervisorError:
+                    pass  # it is already going
+            started = time.perf_counter()
+            child.close(quit_line)
+            log.info(
+                "worker %d closed in %.0f ms (exit status %s)",
+                child.pid,
+                (time.perf_counter() - started) * 1000,
+                child.returncode,
+            )
+        for thread in retired:
+            if thread is not me:
+                thread.join()
+
+
+class Worker:
+    """A worker process, started now and ready when the constructor returns.
+
+    ::
+
+        with Worker(model="path/to/model") as w:
+            with w.chat([{"role": "user", "content": "hi"}], max_tokens=64) as stream:
+                for token in stream:
+                    print(token.text, end="", flush=True)
+            print(stream.result.finish_reason, stream.result.usage)
+
+    ``command`` is the worker's argv (default ``[sys.executable, "-m",
+    "bridge"]``; ``[sys.executable, "-m", "mock_worker"]`` for the mock).
+    ``env`` is added to this process's environment (all of it, with
+    ``inherit_env=False``); pass secrets there, never in ``command``.
+    Readiness is the worker's ``hello`` reply within ``start_timeout``; an
+    early exit raises :class:`WorkerCrashed` with the stderr tail. With
+    ``model`` the model is loaded before the constructor returns.
+
+    Every method may be called from any thread, and streams may run
+    concurrently (the worker queues them). ``timeout`` arguments default to
+    ``request_timeout``: the longest wait for the next line of that request.
+    See :class:`~supervisor.settings.Settings` for the other knobs.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str] | None = None,
+        *,
+        model: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        inherit_env: bool = True,
+        cwd: str | os.PathLike[str] | None = None,
+        start_timeout: float = 30.0,
+        request_timeout: float | None = None,
+        cancel_grace: float = 2.0,
+        quit_timeout: float = 2.0,
+        term_timeout: float = 2.0,
+        kill_timeout: float = 5.0,
+        restart: RestartPolicy | None = None,
+        memory_limit_bytes: int | None = None,
+        memory_poll_interval: float = 0.5,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self.settings = Settings(
+            command=command_of(command),
+            env=dict(env) if env is not None else None,
+            inherit_env=inherit_env,
+            cwd=cwd_of(cwd),
+            start_timeout=start_timeout,
+            request_timeout=request_timeout,
+            cancel_grace=cancel_grace,
+            quit_timeout=quit_timeout,
+            term_timeout=term_timeout,
+            kill_timeout=kill_timeout,
+            restart=restart,
+            memory_limit_bytes=memory_limit_bytes,
+            memory_poll_interval=memory_poll_interval,
+            max_line_bytes=max_line_bytes,
+        )
+        self._sup = Supervision(self.settings)
+        self._finalizer = weakref.finalize(self, self._sup.close)
+        try:
+            self._sup.start()
+            if model is not None:
+                self.load(cwd_of(model) or "")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The pid of the current (or last) worker process; a restart changes it."""
+        child = self._sup.child
+        assert child is not None
+        return child.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The worker's exit status once it has ended (negative: killed by that signal)."""
+        child = self._sup.child
+        return child.returncode if child is not None else None
+
+    @property
+    def hello(self) -> HelloReply:
+        """The worker's ``hello``: protocol version, versions, commands, limits."""
+        assert self._sup.hello is not None
+        return self._sup.hello
+
+    @property
+    def model(self) -> ModelFacts | None:
+        """The model loaded through this worker, if any."""
+        return self._sup.model
+
+    @property
+    def restarts(self) -> int:
+        return self._sup.restarts
+
+    # -- requests -----------------------------------------------------------------------
+
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        adapter_path: str | None = None,
+        context_len: int | None = None,
+        trust_remote_code: bool = False,
+        force: bool = False,
+        timeout: Timeout = USE_DEFAULT,
+        extra: commands.Extra | None = None,
+    ) -> Loaded:
+        """Load a model (replacing the current one); it is reloaded after a restart."""
+        fields = commands.load_fields(
+            cwd_of(path) or "",
+            adapter_path=adapter_path,
+            context_len=context_len,
+            trust_remote_code=trust_remote_code,
+            force=force,
+            extra=extra,
+        )
+        loaded = expect(self._sup.call("load", fields, self.settings.timeout(timeout)), Loaded)
+        self._sup.model, self._sup.model_fields = loaded.model, fields
+        return loaded
+
+    def unload(self, *, timeout: Timeout = USE_DEFAULT) -> bool:
+        """Free the model; False if none was loaded."""
+        reply = expect(self._sup.call("unload", None, self.settings.timeout(timeout)), Unloaded)
+        self._sup.model, self._sup.model_fields = None, None
+        return reply.was_loaded
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: Timeout = USE_DEFAULT,
+        extra: commands.Extra | None = None,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream:
+        """Stream a completion of ``prompt``."""
+        fields = commands.generate_fields(prompt, commands.sampling_fields(sampling), extra)
+        return self._sup.stream("generate", fields, self.settings.timeout(timeout))
+
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = None,
+        timeout: Timeout = USE_DEFAULT,
+        extra: commands.Extra | None = None,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream:
+        """Stream the answer to ``messages`` (OpenAI-style role/content dicts)."""
+        fields = commands.chat_fields(
+            messages,
+            commands.sampling_fields(sampling),
+            chat_template_kwargs=chat_template_kwargs,
+            extra=extra,
+        )
+        return self._sup.stream("chat", fields, self.settings.timeout(timeout))
+
+    def info(self, *, timeout: Timeout = USE_DEFAULT) -> InfoReply:
+        """The loaded model's figures and the worker's memory."""
+        return expect(self._sup.call("info", None, self.settings.timeout(timeout)), InfoReply)
+
+    def tokenize(
+        self, text: str, *, add_special_tokens: bool = True, timeout: Timeout = USE_DEFAULT
+    ) -> tuple[int, ...]:
+        fields = commands.tokenize_fields(text, add_special_tokens=add_special_tokens)
+        reply = self._sup.call("tokenize", fields, self.settings.timeout(timeout))
+        return expect(reply, TokensReply).tokens
+
+    def detokenize(self, tokens: Sequence[int], *, timeout: Timeout = USE_DEFAULT) -> str:
+        fields = commands.detokenize_fields(tokens)
+        reply = self._sup.call("detokenize", fields, self.settings.timeout(timeout))
+        return expect(reply, TextReply).text
+
+    def ping(self, *, timeout: Timeout = USE_DEFAULT) -> float:
+        """Round trip to the worker, in seconds."""
+        started = time.perf_counter()
+        expect(self._sup.call("ping", None, self.settings.timeout(timeout)), Pong)
+        return time.perf_counter() - started
+
+    def stats(self) -> WorkerStats:
+        """RSS and CPU of the worker process, and its MLX memory (None without a model)."""
+        return self._sup.stats()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Quit the worker (then SIGTERM, then SIGKILL, each after its timeout).
+
+        Streams still running end with ``finish_reason == "cancelled"`` or
+        :class:`WorkerClosed`. Idempotent; also run on exit from ``with``, by
+        a finalizer, and at interpreter exit.
+        """
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        child = self._sup.child
+        where = f"pid={child.pid}" if child is not None else "not started"
+        state = " closed" if self.closed else ""
+        return f"<Worker {where}{state} {' '.join(self.settings.command)!r}>"

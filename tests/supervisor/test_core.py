@@ -1,0 +1,294 @@
+"""The I/O-free pieces: line framing, routing in WorkerCore, reply decoding, the storm guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.codec import encode
+from protocol.errors import InvalidJson, InvalidRequest, WireError
+from protocol.replies import (
+    Bye,
+    Done,
+    ErrorReply,
+    HelloReply,
+    InfoReply,
+    Loaded,
+    MemoryStats,
+    ModelFacts,
+    Pong,
+    Reply,
+    TextReply,
+    TokenEvent,
+    TokensReply,
+    TopLogprob,
+    Unloaded,
+)
+from protocol.reply_decode import parse_reply
+from supervisor.core import WorkerCore
+from supervisor.errors import ProtocolError, RequestError, SupervisorError
+from supervisor.framing import LineSplitter, OverlongLine
+from supervisor.restart import RestartGuard, RestartPolicy
+from supervisor.results import Token
+
+FACTS = ModelFacts(
+    path="/m",
+    model_type="qwen3",
+    vocab_size=2048,
+    layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    context_len=None,
+    dtype="float32",
+    quantization={"bits": 4, "group_size": 64},
+    parameters=200_000,
+)
+DONE = Done(
+    id=1,
+    finish_reason="length",
+    tokens_generated=2,
+    prompt_tokens=3,
+    prompt_tps=10.5,
+    generation_tps=20.25,
+    ttft_ms=None,
+    queue_ms=0.5,
+    peak_memory_bytes=1000,
+)
+EVERY_REPLY: list[Reply] = [
+    HelloReply(
+        id="h",
+        protocol_version=1,
+        versions={"bridge": "0.1.0"},
+        commands=("hello", "ping"),
+        sampling_options=("max_tokens",),
+        limits={"max_line_bytes": 100},
+        pid=42,
+        model=None,
+    ),
+    Pong(id=1),
+    Loaded(id=2, model=FACTS, load_ms=12.5),
+    Unloaded(id=3, was_loaded=True),
+    TokenEvent(id=4, token=" hi", token_id=7),
+    TokenEvent(
+        id=4,
+        token="x",
+        token_id=8,
+        logprob=-0.5,
+        top_logprobs=(TopLogprob(token_id=8, token="x", logprob=-0.5),),
+    ),
+    DONE,
+    InfoReply(
+        id=5,
+        model=FACTS,
+        memory=MemoryStats(active_bytes=1, peak_bytes=2, cache_bytes=3, rss_bytes=4),
+    ),
+    TokensReply(id=6, tokens=(1, 2, 3)),
+    TextReply(id=7, text="hé"),
+    Bye(id=8),
+    ErrorReply(id=9, code="no_model", message="load first"),
+]
+
+
+# -- reply decoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply", EVERY_REPLY, ids=lambda r: type(r).__name__)
+def test_parse_reply_inverts_to_wire(reply: Reply) -> None:
+    assert parse_reply(reply.to_wire()) == reply
+
+
+@pytest.mark.parametrize(
+    ("obj", "error", "message"),
+    [
+        ([1], InvalidJson, "a reply must be a JSON object"),
+        ({"id": 1}, InvalidRequest, "type: required"),
+        ({"type": "nope"}, InvalidRequest, "type: unknown reply type 'nope'"),
+        (
+            {"type": "done", "id": 1, "finish_reason": "stop"},
+            InvalidRequest,
+            "done.tokens_generated: required",
+        ),
+        (
+            {"type": "token", "token": 3, "token_id": 1},
+            InvalidRequest,
+            "token.token: must be a string",
+        ),
+        ({"type": "pong", "id": True}, InvalidRequest, "id: must be a string or an integer"),
+    ],
+)
+def test_parse_reply_names_the_bad_field(obj: object, error: type[WireError], message: str) -> None:
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        parse_reply(obj)
+
+
+# -- framing -------------------------------------------------------------------------------
+
+
+def test_splitter_joins_lines_split_anywhere() -> None:
+    data = b'{"a":1}\n{"b":2}\n\n{"c":3}\n'
+    for step in (1, 2, 3, 7, len(data)):
+        splitter = LineSplitter(100)
+        lines: list[bytes | OverlongLine] = []
+        for i in range(0, len(data), step):
+            lines += splitter.feed(data[i : i + step])
+        assert [x for x in lines if x] == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+        assert splitter.end() is None
+
+
+def test_splitter_drops_overlong_lines_without_holding_them() -> None:
+    splitter = LineSplitter(10)
+    out = splitter.feed(b"ok\n" + b"x" * 25)
+    assert out == [b"ok"]
+    assert splitter.feed(b"y" * 1000) == []
+    out = splitter.feed(b"zz\nfine\n")
+    assert out == [OverlongLine(1027, b"x" * 25), b"fine"]
+    assert splitter.feed(b"0123456789abc\nlast") == [OverlongLine(13, b"0123456789abc")]
+    assert splitter.end() == b"last"
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.tokens_seen: list[Token] = []
+        self.reply: Reply | None = None
+        self.error: SupervisorError | None = None
+
+    def tokens(self, batch: list[Token]) -> None:
+        assert self.reply is None and self.error is None
+        self.tokens_seen += batch
+
+    def finish(self, reply: Reply) -> None:
+        assert self.reply is None and self.error is None
+        self.reply = reply
+
+    def fail(self, error: SupervisorError) -> None:
+        assert self.reply is None and self.error is None
+        self.error = error
+
+
+def lines(*replies: Reply) -> bytes:
+    return b"".join(encode(r) for r in replies)
+
+
+def test_core_routes_each_line_to_its_own_request() -> None:
+    core = WorkerCore()
+    a, b = Sink(), Sink()
+    rid_a, line = core.open("generate", {"prompt": "x", "max_tokens": 2}, a)
+    assert line == b'{"cmd":"generate","id":1,"prompt":"x","max_tokens":2}\n'
+    rid_b, _ = core.open("generate", {"prompt": "y"}, b)
+    chunk = lines(
+        TokenEvent(id=rid_b, token="y", token_id=2),
+        TokenEvent(id=rid_a, token="x", token_id=1, logprob=-1.0),
+        TokenEvent(id=rid_a, token="x", token_id=1),
+        Done(
+            id=rid_a,
+            finish_reason="length",
+            tokens_generated=2,
+            prompt_tokens=3,
+            prompt_tps=1.0,
+            generation_tps=2.0,
+            ttft_ms=1.0,
+            peak_memory_bytes=0,
+        ),
+    )
+    for i in range(0, len(chunk), 13):  # arbitrary chunking
+        assert core.feed(chunk[i : i + 13]) == []
+    assert a.tokens_seen == [Token("x", 1, -1.0), Token("x", 1)]
+    assert isinstance(a.reply, Done) and a.reply.id == rid_a
+    assert b.tokens_seen == [Token("y", 2)] and b.reply is None
+    assert core.in_flight == 1
+
+
+def test_error_reply_becomes_request_error() -> None:
+    core = WorkerCore()
+    sink = Sink()
+    rid, _ = core.open("info", None, sink)
+    core.feed(lines(ErrorReply(id=rid, code="no_model", message="info: no model loaded")))
+    assert isinstance(sink.error, RequestError)
+    assert sink.error.code == "no_model" and type(sink.error.error).__name__ == "NoModel"
+
+
+def test_wrong_reply_type_fails_only_that_request() -> None:
+    core = WorkerCore()
+    ping, other = Sink(), Sink()
+    rid, _ = core.open("ping", None, ping)
+    core.open("ping", None, other)
+    assert core.feed(lines(TextReply(id=rid, text="?"))) == [rid]
+    assert isinstance(ping.error, ProtocolError) and other.error is None
+
+
+def test_garbage_line_fails_every_request_in_flight_and_late_lines_are_dropped() -> None:
+    core = WorkerCore()
+    a, b = Sink(), Sink()
+    rid_a, _ = core.open("generate", {"prompt": "x"}, a)
+    rid_b, _ = core.open("generate", {"prompt": "y"}, b)
+    chunk = lines(TokenEvent(id=rid_a, token="x", token_id=1)) + b"not json\n"
+    assert sorted(core.feed(chunk)) == [rid_a, rid_b]  # to cancel
+    assert a.tokens_seen == [Token("x", 1)]  # what came before the fault is kept
+    assert isinstance(a.error, ProtocolError) and isinstance(b.error, ProtocolError)
+    # their late lines are dropped quietly: no new fault for a third request
+    c = Sink()
+    core.open("ping", None, c)
+    assert core.feed(lines(TokenEvent(id=rid_b, token="y", token_id=2), DONE)) == []
+    assert c.error is None and core.protocol_faults == 1
+
+
+def test_unknown_id_is_a_fault() -> None:
+    core = WorkerCore()
+    sink = Sink()
+    core.open("ping", None, sink)
+    core.feed(lines(Pong(id=99)))
+    assert isinstance(sink.error, ProtocolError) and "unknown request id 99" in str(sink.error)
+
+
+def test_overlong_line_fails_only_its_request_when_its_id_is_readable() -> None:
+    core = WorkerCore(max_line_bytes=100)
+    a, b = Sink(), Sink()
+    rid_a, _ = core.open("detokenize", {"tokens": [1]}, a)
+    core.open("ping", None, b)
+    assert core.feed(lines(TextReply(id=rid_a, text="x" * 500))) == []  # it ended: no cancel
+    assert isinstance(a.error, ProtocolError) and "over the limit" in str(a.error)
+    assert b.error is None
+    core.feed(b'{"type":"text",' + b" " * 200 + b"\n")  # unattributable
+    assert isinstance(b.error, ProtocolError)
+
+
+def test_token_for_a_non_streaming_request_is_a_fault() -> None:
+    core = WorkerCore()
+    sink = Sink()
+    rid, _ = core.open("info", None, sink)
+    core.feed(lines(TokenEvent(id=rid, token="x", token_id=1)))
+    assert isinstance(sink.error, ProtocolError)
+
+
+def test_closed_core_refuses_new_requests() -> None:
+    core = WorkerCore()
+    sink = Sink()
+    core.open("ping", None, sink)
+    core.fail_all(lambda rid: RequestError("internal", f"gone {rid}", request_id=rid), close=True)
+    assert isinstance(sink.error, RequestError)
+    with pytest.raises(RequestError, match="gone 2"):
+        core.open("ping", None, Sink())
+
+
+def test_request_over_the_workers_line_limit_is_refused_locally() -> None:
+    core = WorkerCore()
+    core.worker_max_line_bytes = 50
+    with pytest.raises(RequestError) as caught:
+        core.open("generate", {"prompt": "x" * 100}, Sink())
+    assert caught.value.code == "line_too_long"
+    assert core.in_flight == 0
+
+
+# -- storm guard ---------------------------------------------------------------------------
+
+
+def test_restart_guard_counts_restarts_in_a_sliding_window() -> None:
+    guard = RestartGuard(RestartPolicy(max_restarts=2, window_s=10.0))
+    assert guard.allow(0.0) and guard.allow(1.0)
+    assert not guard.allow(2.0)
+    assert guard.allow(10.5)  # the first one left the window
+    assert not guard.allow(10.6)
