@@ -15,6 +15,12 @@ def test_cancel_during_decode_by_id(loaded_worker: WorkerProcess) -> None:
     loaded_worker.send({"cmd": "generate", "id": "long", "prompt": "x", "max_tokens": 100000})
     for _ in range(3):
         assert loaded_worker.read()["type"] == "token"
+    # info, ping and hello are answered mid-generation, between its tokens
+    for probe in ({"cmd": "info", "id": "i"}, {"cmd": "ping", "id": "p"}):
+        loaded_worker.send(probe)
+        while (line := loaded_worker.read())["id"] == "long":
+            pass
+        assert line["id"] == probe["id"] and line["type"] in ("info", "pong")
     sent = time.perf_counter()
     loaded_worker.send({"cmd": "cancel", "id": "long"})
     lines = loaded_worker.read_until_terminal("long", timeout=5)

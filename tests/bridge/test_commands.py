@@ -239,3 +239,24 @@ def test_token_ids_are_checked_against_the_vocabulary(loaded_worker: WorkerProce
     loaded_worker.send(b'{"cmd":"generate","id":"s","prompt":"x","seed":18446744073709551616}\n')
     huge_seed = loaded_worker.read()
     assert huge_seed["code"] == "invalid_request" and huge_seed["error"].startswith("seed:")
+
+
+def test_load_a_repo_id_from_the_local_hub_cache(tiny_model: Path, tmp_path: Path) -> None:
+    """A repo id resolves through the Hugging Face cache layout, never the network."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    with WorkerProcess("bridge", env=env) as worker:
+        loaded = worker.call({"cmd": "load", "id": 1, "path": "acme/tiny-chat"})
+        assert loaded["type"] == "loaded" and loaded["path"] == str(snapshot)
+        missing = worker.call({"cmd": "load", "id": 2, "path": "acme/other"})
+        assert missing["code"] == "model_not_found"
+        adapter = worker.call(
+            {"cmd": "load", "id": 3, "path": "acme/tiny-chat", "adapter_path": str(tmp_path / "no")}
+        )
+        assert adapter["code"] == "load_failed"
