@@ -26,6 +26,9 @@ class Job:
     send: Send
     received_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
+    # Runs just before the terminal line is written, so that the id is free
+    # for reuse by the time the host reads that line.
+    on_finish: Callable[[Job], None] | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _finished: bool = False
@@ -56,6 +59,8 @@ class Job:
             if self._finished:
                 return False
             self._finished = True
+            if self.on_finish is not None:
+                self.on_finish(self)
             self.send(reply)
             return True
 

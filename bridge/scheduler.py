@@ -82,6 +82,7 @@ class SerialScheduler:
                 raise Busy(f"queue is full ({self._max_queue} requests waiting)", request_id=rid)
             if rid is not None:
                 self._by_id[rid] = job
+                job.on_finish = self._forget
             self._queue.append(job)
             self._cond.notify()
 
@@ -99,7 +100,6 @@ class SerialScheduler:
             queued = [j for j in targets if j is not self._running]
             for job in queued:
                 self._queue.remove(job)
-                self._forget(job)
         for job in targets:
             job.cancel()
         for job in queued:
@@ -119,8 +119,9 @@ class SerialScheduler:
 
     def _forget(self, job: Job) -> None:
         rid = job.request.id
-        if rid is not None and self._by_id.get(rid) is job:
-            del self._by_id[rid]
+        with self._cond:
+            if rid is not None and self._by_id.get(rid) is job:
+                del self._by_id[rid]
 
     def _next(self) -> Job | None:
         with self._cond:
@@ -143,7 +144,6 @@ class SerialScheduler:
                 finally:
                     with self._cond:
                         self._running = None
-                        self._forget(job)
         finally:
             self._engine.close()
 

@@ -10,9 +10,9 @@ import argparse
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from bridge.cli import parser as bridge_parser
 from bridge.cli import setup_logging
@@ -21,7 +21,7 @@ from protocol.errors import ERROR_CODES
 from protocol.requests import Quit
 
 from .engine import ScriptedEngine
-from .faults import Faults, flood_stderr
+from .faults import Faults, block_forever, flood_stderr
 
 log = logging.getLogger("mock_worker")
 
@@ -160,15 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(engine, options, on_writer=engine.attach_output, on_quit=on_quit)
 
 
-def _exit_silently(request: Quit | None) -> None:
+def _exit_silently(request: Quit | None) -> NoReturn:
     log.warning("mock fault: quit_silently; exiting 0 without replying")
     logging.shutdown()
     os._exit(0)
 
 
-def _ignore_quit(request: Quit | None) -> None:
-    log.warning("mock fault: ignore_quit; no longer reading, and not exiting")
-    threading.Event().wait()
+def _ignore_quit(request: Quit | None) -> NoReturn:
+    block_forever("ignore_quit: no longer reading stdin, and not exiting")
 
 
 def _seconds(text: str) -> float:

@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 from protocol.errors import ERROR_CODES, RequestId
 from protocol.fields import Fields, JsonValue
@@ -51,7 +52,6 @@ class Faults:
         unknown = sorted(set(raw) - set(FAULT_NAMES))
         if unknown:
             raise f.fail(unknown[0], f"unknown mock option; known: {', '.join(FAULT_NAMES)}")
-        # null turns a fault off (back to its default) for this request
         changes: dict[str, object] = {k: _OFF[k] for k, v in raw.items() if v is None}
         for name in ("token_delay", "load_delay"):
             if f.has(name):
@@ -77,17 +77,18 @@ FAULT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Faults))
 _OFF: dict[str, object] = {name: getattr(Faults(), name) for name in FAULT_NAMES}
 
 
-def crash(exit_code: int, why: str) -> None:
+def crash(exit_code: int, why: str) -> NoReturn:
     """Exit at once, as a crash would: no terminal lines, no clean-up."""
     log.error("mock fault: %s; exiting with code %d", why, exit_code)
     logging.shutdown()
     os._exit(exit_code)
 
 
-def block_forever(why: str) -> None:
+def block_forever(why: str) -> NoReturn:
     """Stop the calling thread for good (the engine thread: a hung model)."""
     log.warning("mock fault: %s; this thread now blocks forever", why)
-    threading.Event().wait()
+    while True:
+        threading.Event().wait()
 
 
 def flood_stderr(size: int) -> None:

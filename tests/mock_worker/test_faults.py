@@ -207,10 +207,7 @@ def test_ignore_cancel_never_finishes_the_generation(
         assert all(line["type"] == "token" for line in in_flight), in_flight
         assert worker.quiet_for(0.2)
         assert worker.call({"cmd": "ping", "id": "p"})["type"] == "pong"
-        worker.send({"cmd": "quit", "id": "q"})  # quit cuts it off after its grace period
-        assert worker.wait() == 0
-        ends = [decode(raw) for raw in worker.rest()]
-        assert [line["type"] for line in ends] == ["error", "bye"]
+        assert worker.alive()  # a host must time out and kill it
 
 
 def test_without_ignore_cancel_the_same_request_cancels() -> None:
