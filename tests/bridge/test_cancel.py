@@ -130,3 +130,9 @@ def test_addressed_requests_in_flight_are_routed_by_id(loaded_worker: WorkerProc
 
 def expected_index(rid: object) -> int:
     return rid if isinstance(rid, int) else int(str(rid)[1:])
+
+
+def test_an_id_is_free_again_once_its_terminal_line_is_read(loaded_worker: WorkerProcess) -> None:
+    for _ in range(300):
+        reply = loaded_worker.call({"cmd": "tokenize", "id": "same", "text": "x"})
+        assert reply["type"] == "tokens", reply
