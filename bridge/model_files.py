@@ -7,7 +7,6 @@ hub itself is never contacted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from protocol.errors import LoadFailed, ModelNotFound, OutOfMemory
@@ -72,7 +71,3 @@ def check_fits(needed: int, available: int, *, force: bool) -> None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -111,10 +111,6 @@ class SerialScheduler:
             jobs = [*self._queue, *([self._running] if self._running else [])]
         return any(isinstance(j.request, Load | Unload) for j in jobs)
 
-    def in_flight(self) -> int:
-        with self._cond:
-            return len(self._queue) + (self._running is not None)
-
     # -- the engine thread ---------------------------------------------------------
 
     def _forget(self, job: Job) -> None:
