@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 
 from .server import ServeOptions, serve
+from .vlm_options import add_vision_options, routing_engine
 
 DESCRIPTION = """\
 mlx-bridge worker: serves MLX language models over stdin/stdout, one JSON
@@ -46,6 +47,7 @@ def parser(prog: str = "python -m bridge") -> argparse.ArgumentParser:
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     from .mlx_engine import DEFAULT_PREFILL_STEP
+    from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 
     p.add_argument(
         "--prefill-step-size",
@@ -61,12 +63,36 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="memory the load gate may assume is available (default: what psutil reports)",
     )
+    p.add_argument(
+        "--prompt-cache-entries",
+        type=_non_negative,
+        default=DEFAULT_MAX_ENTRIES,
+        metavar="N",
+        help="conversations whose KV cache is kept for reuse (one per cache_key, plus the "
+        f"default slot), least recently used evicted first; 0 turns it off "
+        f"(default: {DEFAULT_MAX_ENTRIES})",
+    )
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=_non_negative,
+        default=DEFAULT_MAX_BYTES,
+        metavar="BYTES",
+        help="most bytes the kept KV caches may hold; 0 turns it off "
+        f"(default: {DEFAULT_MAX_BYTES})",
+    )
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be ≥ 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be ≥ 0")
     return value
 
 
@@ -79,11 +105,18 @@ def setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     add_engine_options(p)
+    add_vision_options(p)
     args = p.parse_args(argv)
     setup_logging(args.log_level)
     from .mlx_engine import MlxLmEngine
 
-    engine = MlxLmEngine(prefill_step_size=args.prefill_step_size, memory_budget=args.memory_budget)
+    text = MlxLmEngine(
+        prefill_step_size=args.prefill_step_size,
+        memory_budget=args.memory_budget,
+        prompt_cache_entries=args.prompt_cache_entries,
+        prompt_cache_bytes=args.prompt_cache_bytes,
+    )
+    engine = routing_engine(text, args)
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes, max_queue=args.max_queue, preload=args.model
     )

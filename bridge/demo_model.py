@@ -33,6 +33,23 @@ training text is this interpreter's standard library). The build takes about
 0.2 s once ``mlx_lm`` is imported (that import alone takes about 1.4 s);
 ``ensure`` on a current directory imports nothing heavy.
 
+Variants for tool calling (``template="qwen_tools"`` or ``"pythonic"``, or
+``--template``) write the same kind of model with a chat template that
+renders ``tools``, assistant ``tool_calls`` and ``tool`` results the way
+those families do, and add the family's tool-call marker tokens to the
+tokenizer (so the model's vocabulary grows to 2112, with spare ids):
+
+- ``qwen_tools``: Qwen 2.5's layout: tools as JSON lines in ``<tools>`` in the
+  system turn, calls as ``<tool_call>\n{"name": …, "arguments": …}\n</tool_call>``,
+  results as ``<tool_response>`` in a user turn; mlx-lm picks its
+  ``json_tools`` parser for it;
+- ``pythonic``: LFM2's layout: tools in ``<|tool_list_start|>[…]<|tool_list_end|>``,
+  calls as ``<|tool_call_start|>[name(key=value, …)]<|tool_call_end|>``,
+  results in a ``tool`` turn; mlx-lm picks its ``pythonic`` parser.
+
+The marker tokens' embedding rows are shrunk like the specials', so random
+output never contains them. The default template's files are unchanged.
+
 A build goes into a temporary sibling directory that is renamed into place, so
 an interrupted or concurrent build never leaves a half-written model behind
 (a killed build may leave a hidden ``.NAME.building-*`` sibling to delete).
@@ -41,7 +58,7 @@ to replace a directory that has no stamp.
 
 Usage::
 
-    python -m bridge.demo_model OUT_DIR [--seed N] [--force]
+    python -m bridge.demo_model OUT_DIR [--seed N] [--template NAME] [--force]
 """
 
 from __future__ import annotations
@@ -63,7 +80,7 @@ if TYPE_CHECKING:
     from mlx.nn import Module
     from tokenizers import Tokenizer
 
-__all__ = ["BUILDER_VERSION", "STAMP_NAME", "build", "ensure", "main"]
+__all__ = ["BUILDER_VERSION", "STAMP_NAME", "TEMPLATES", "build", "ensure", "main"]
 
 BUILDER_VERSION: Final = 1
 """Bump whenever the output changes, so that ``ensure`` rebuilds old fixtures."""
@@ -132,26 +149,137 @@ _CHAT_TEMPLATE: Final = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# Qwen 2.5's tool layout (trimmed of its default system prompt). mlx-lm infers
+# its json_tools parser from "<tool_call>" and "tool_call.name".
+_QWEN_TOOLS_TEMPLATE: Final = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and '
+    'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'
+    '{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}'
+    '\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first)
+      or (message.role == 'assistant' and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{\\"name\\": \\"' + tool_call.name + '\\", \\"arguments\\": ' }}
+{{- tool_call.arguments | tojson }}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+{{- '<|im_start|>user' }}
+{%- endif %}
+{{- '\\n<tool_response>\\n' + (message.content or '') + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
 
-def build(out_dir: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
+# LFM2's pythonic tool layout. mlx-lm infers its pythonic parser from
+# "<|tool_list_start|>".
+_PYTHONIC_TEMPLATE: Final = """\
+{%- set ns = namespace(system='') %}
+{%- if messages[0].role == 'system' %}
+{%- set ns.system = messages[0].content %}
+{%- set messages = messages[1:] %}
+{%- endif %}
+{%- if tools %}
+{%- set ns.system = ns.system + ('\\n' if ns.system else '')
+    + 'List of tools: <|tool_list_start|>[' %}
+{%- for tool in tools %}
+{%- set ns.system = ns.system + (tool | tojson) + ('' if loop.last else ', ') %}
+{%- endfor %}
+{%- set ns.system = ns.system + ']<|tool_list_end|>' %}
+{%- endif %}
+{%- if ns.system %}{{- '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' }}{%- endif %}
+{%- for message in messages %}
+{{- '<|im_start|>' + message.role + '\\n' }}
+{%- if message.role == 'assistant' and message.tool_calls %}
+{{- '<|tool_call_start|>[' }}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- tool_call.name + '(' }}
+{%- if tool_call.arguments is mapping %}
+{%- for key, value in tool_call.arguments.items() %}
+{{- key + '=' + (value | tojson) + ('' if loop.last else ', ') }}
+{%- endfor %}
+{%- endif %}
+{{- ')' + ('' if loop.last else ', ') }}
+{%- endfor %}
+{{- ']<|tool_call_end|>' }}
+{%- endif %}
+{%- if message.role == 'tool' %}
+{{- '<|tool_response_start|>' + (message.content or '') + '<|tool_response_end|>' }}
+{%- else %}
+{{- message.content or '' }}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+DEFAULT_TEMPLATE: Final = "chatml"
+_CHAT_TEMPLATES: Final = {
+    DEFAULT_TEMPLATE: _CHAT_TEMPLATE,
+    "qwen_tools": _QWEN_TOOLS_TEMPLATE,
+    "pythonic": _PYTHONIC_TEMPLATE,
+}
+TEMPLATES: Final = tuple(_CHAT_TEMPLATES)
+"""Chat-template families ``build`` writes: ``chatml`` (the default) and two with tools."""
+
+# Tokens each family adds to the tokenizer: (content, special).
+_TOOL_MARKERS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
+    DEFAULT_TEMPLATE: (),
+    "qwen_tools": (("<tool_call>", False), ("</tool_call>", False)),
+    "pythonic": (
+        ("<|tool_list_start|>", True),
+        ("<|tool_list_end|>", True),
+        ("<|tool_call_start|>", True),
+        ("<|tool_call_end|>", True),
+        ("<|tool_response_start|>", True),
+        ("<|tool_response_end|>", True),
+    ),
+}
+
+
+def build(
+    out_dir: str | os.PathLike[str], *, seed: int = 0, template: str = DEFAULT_TEMPLATE
+) -> pathlib.Path:
     """Build the model into ``out_dir``, replacing any earlier fixture there.
 
     Returns the directory's absolute path. Raises ``FileExistsError`` if
     ``out_dir`` is a non-empty directory (or a file) that this builder did not
     write, rather than deleting someone's data.
     """
-    return _build(pathlib.Path(out_dir), seed=seed, keep_current=False)
+    return _build(pathlib.Path(out_dir), seed=seed, template=template, keep_current=False)
 
 
-def ensure(out_dir: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
+def ensure(
+    out_dir: str | os.PathLike[str], *, seed: int = 0, template: str = DEFAULT_TEMPLATE
+) -> pathlib.Path:
     """Return ``out_dir``'s absolute path, building it first unless it is current.
 
-    Current means its stamp names this ``BUILDER_VERSION`` and ``seed``.
+    Current means its stamp names this ``BUILDER_VERSION``, ``seed`` and ``template``.
     """
     target = pathlib.Path(out_dir).absolute()
-    if _is_current(target, seed):
+    if _is_current(target, seed, template):
         return target
-    return _build(target, seed=seed, keep_current=True)
+    return _build(target, seed=seed, template=template, keep_current=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,44 +290,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (0)")
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=DEFAULT_TEMPLATE,
+        help=f"chat template family ({DEFAULT_TEMPLATE}; the others render tool calls)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the stamp is current")
     args = parser.parse_args(argv)
     builder = build if args.force else ensure
     try:
-        path = builder(args.out_dir, seed=args.seed)
+        path = builder(args.out_dir, seed=args.seed, template=args.template)
     except FileExistsError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     sys.stdout.write(f"{path}\n")
     return 0
 
 
-def _stamp(seed: int) -> dict[str, int]:
-    return {"builder_version": BUILDER_VERSION, "seed": seed}
+def _stamp(seed: int, template: str) -> dict[str, int | str]:
+    stamp: dict[str, int | str] = {"builder_version": BUILDER_VERSION, "seed": seed}
+    if template != DEFAULT_TEMPLATE:
+        stamp["template"] = template
+    return stamp
 
 
-def _is_current(target: pathlib.Path, seed: int) -> bool:
+def _is_current(target: pathlib.Path, seed: int, template: str) -> bool:
     try:
         stamp = json.loads((target / STAMP_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return bool(stamp == _stamp(seed))
+    return bool(stamp == _stamp(seed, template))
 
 
-def _build(target: pathlib.Path, *, seed: int, keep_current: bool) -> pathlib.Path:
+def _build(target: pathlib.Path, *, seed: int, template: str, keep_current: bool) -> pathlib.Path:
+    if template not in TEMPLATES:
+        raise ValueError(f"template: must be one of {', '.join(TEMPLATES)}, got {template!r}")
     target = target.absolute()
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private
-        _write_model(staging, seed)
-        _install(staging, target, seed=seed, keep_current=keep_current)
+        _write_model(staging, seed, template)
+        _install(staging, target, seed=seed, template=template, keep_current=keep_current)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _install(staging: pathlib.Path, target: pathlib.Path, *, seed: int, keep_current: bool) -> None:
+def _install(
+    staging: pathlib.Path, target: pathlib.Path, *, seed: int, template: str, keep_current: bool
+) -> None:
     """Rename ``staging`` to ``target``, moving an earlier fixture out of the way.
 
     ``target`` is never half-written: it is absent, the old fixture, or the new
@@ -213,7 +354,7 @@ def _install(staging: pathlib.Path, target: pathlib.Path, *, seed: int, keep_cur
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
                 raise
-        if keep_current and _is_current(target, seed):
+        if keep_current and _is_current(target, seed, template):
             return
         _check_replaceable(target)
         retired = target.with_name(f".{target.name}.retired-{uuid.uuid4().hex}")
@@ -236,11 +377,18 @@ def _check_replaceable(target: pathlib.Path) -> None:
     )
 
 
-def _write_model(path: pathlib.Path, seed: int) -> None:
+def _write_model(path: pathlib.Path, seed: int, template: str) -> None:
     import mlx.core as mx
     from mlx_lm.models import qwen3
 
     tokenizer = _train_tokenizer()
+    markers = _TOOL_MARKERS[template]
+    if markers:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens(
+            [AddedToken(t, special=special, normalized=False) for t, special in markers]
+        )
     tokenizer_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     config = _model_config(
         vocab_size=-(-tokenizer_vocab // 64) * 64,
@@ -259,7 +407,7 @@ def _write_model(path: pathlib.Path, seed: int) -> None:
             shapes,
             seed=seed,
             quiet_rows=[
-                *_quiet_token_ids(tokenizer),
+                *_quiet_token_ids(tokenizer, (*SPECIAL_TOKENS, *(t for t, _ in markers))),
                 *range(tokenizer_vocab, config["vocab_size"]),
             ],
         )
@@ -270,8 +418,8 @@ def _write_model(path: pathlib.Path, seed: int) -> None:
 
     _write_json(path / "config.json", config)
     tokenizer.save(str(path / "tokenizer.json"))
-    _write_json(path / "tokenizer_config.json", _tokenizer_config())
-    _write_json(path / STAMP_NAME, _stamp(seed))
+    _write_json(path / "tokenizer_config.json", _tokenizer_config(template))
+    _write_json(path / STAMP_NAME, _stamp(seed, template))
 
 
 def _parameters(model: Module) -> dict[str, mx.array]:
@@ -329,7 +477,7 @@ def _model_config(*, vocab_size: int, eos_token_ids: list[int]) -> dict[str, Any
     }
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(template: str = DEFAULT_TEMPLATE) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -340,7 +488,7 @@ def _tokenizer_config() -> dict[str, Any]:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": MAX_POSITIONS,
-        "chat_template": _CHAT_TEMPLATE,
+        "chat_template": _CHAT_TEMPLATES[template],
     }
 
 
@@ -374,7 +522,7 @@ def _corpus() -> list[str]:
     return texts
 
 
-def _quiet_token_ids(tokenizer: Tokenizer) -> list[int]:
+def _quiet_token_ids(tokenizer: Tokenizer, specials: Sequence[str] = SPECIAL_TOKENS) -> list[int]:
     """Ids of the specials and of tokens that are not printable ASCII on their own.
 
     Greedy decoding then streams clean ASCII text: no EOS, no lone UTF-8 bytes.
@@ -383,7 +531,7 @@ def _quiet_token_ids(tokenizer: Tokenizer) -> list[int]:
     for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
         text = tokenizer.decode([token_id], skip_special_tokens=False)
         printable = text.isascii() and all(c.isprintable() or c in "\t\n" for c in text)
-        if not text or not printable or text in SPECIAL_TOKENS:
+        if not text or not printable or text in specials:
             quiet.append(token_id)
     return quiet
 

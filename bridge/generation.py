@@ -2,18 +2,42 @@
 
 This is where stop strings, cancel checks, and timing live, so that every
 engine (real or scripted) streams with identical semantics.
+
+An engine may add to ``done`` through its prepared request: a ``Prepared``
+that also has an ``outcome(answer)`` method (:class:`Reports`) is asked, once
+the answer is complete, for the prompt-cache hit and the tool calls parsed
+out of the answer. Engines without one (the scripted engine) report neither.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-from protocol.replies import Done, TokenEvent
+from protocol.replies import Done, TokenEvent, ToolCall
 from protocol.requests import Chat, Generate
 
 from .engine import Engine, Step
 from .jobs import Job
 from .stops import StopFilter
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What an engine adds to ``done``: see :class:`protocol.replies.Done`."""
+
+    cached_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] | None = None
+    content: str | None = None
+
+
+@runtime_checkable
+class Reports(Protocol):
+    def outcome(self, answer: str) -> Outcome:
+        """Called after the engine's steps have ended, with the text that was
+        written (stop strings removed)."""
+        ...
 
 
 def run_generation(engine: Engine, job: Job) -> None:
@@ -26,8 +50,11 @@ def run_generation(engine: Engine, job: Job) -> None:
     last: Step | None = None
     first_token_at: float | None = None
 
+    answer: list[str] = []
+
     def emit(ready: list[tuple[Step, str]]) -> None:
         for step, text in ready:
+            answer.append(text)
             job.emit(
                 TokenEvent(
                     id=request.id,
@@ -60,6 +87,7 @@ def run_generation(engine: Engine, job: Job) -> None:
         steps.close()
     if not stops.stopped:
         emit(stops.flush())
+    outcome = prepared.outcome("".join(answer)) if isinstance(prepared, Reports) else Outcome()
     job.finish(
         Done(
             id=request.id,
@@ -73,5 +101,8 @@ def run_generation(engine: Engine, job: Job) -> None:
             else (first_token_at - (job.started_at or job.received_at)) * 1000.0,
             queue_ms=((job.started_at or job.received_at) - job.received_at) * 1000.0,
             peak_memory_bytes=last.peak_memory_bytes if last else 0,
+            cached_tokens=outcome.cached_tokens,
+            tool_calls=outcome.tool_calls,
+            content=outcome.content,
         )
     )

@@ -10,11 +10,12 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-from collections.abc import Generator
-from dataclasses import dataclass, replace
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
+from protocol.fields import JsonValue
 from protocol.replies import MemoryStats, ModelFacts, TopLogprob
 from protocol.requests import (
     Chat,
@@ -29,8 +30,11 @@ from protocol.requests import (
 )
 
 from .engine import Prepared, ShouldAbort, Step
+from .generation import Outcome
 from .mlx_facts import model_facts
+from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
 from .model_files import check_fits, resolve_model_dir, weights_bytes
+from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -48,6 +52,32 @@ class _Aborted(Exception):
 
 
 @dataclass(slots=True)
+class _Usage:
+    """Filled in by ``generate``; read by ``outcome`` afterwards (same thread)."""
+
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MlxPrepared(Prepared):
+    """A prepared request plus its prompt-cache slot and tool-call parsing."""
+
+    cache_key: str | None = None
+    tool_format: ToolCallFormat | None = None
+    tools: tuple[Mapping[str, JsonValue], ...] | None = None
+    usage: _Usage = field(default_factory=_Usage)
+
+    def outcome(self, answer: str) -> Outcome:
+        cached = self.usage.cached_tokens
+        if self.tool_format is None:
+            return Outcome(cached_tokens=cached)
+        parsed = parse_answer(answer, self.tool_format, self.tools)
+        if parsed is None:
+            return Outcome(cached_tokens=cached)
+        return Outcome(cached_tokens=cached, tool_calls=parsed.tool_calls, content=parsed.content)
+
+
+@dataclass(slots=True)
 class _Loaded:
     model: nn.Module
     tokenizer: TokenizerWrapper
@@ -62,10 +92,15 @@ class MlxLmEngine:
         *,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
         memory_budget: int | None = None,
+        prompt_cache_entries: int = DEFAULT_MAX_ENTRIES,
+        prompt_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._prefill_step_size = prefill_step_size
         self._memory_budget = memory_budget
         self._loaded: _Loaded | None = None
+        self._caches = PromptCacheStore(
+            max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes
+        )
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -97,6 +132,7 @@ class MlxLmEngine:
         return facts
 
     def unload(self) -> bool:
+        self._caches.clear()  # KV caches belong to the model: never reuse them across loads
         if self._loaded is None:
             return False
         self._loaded = None
@@ -109,6 +145,8 @@ class MlxLmEngine:
     def prepare(self, request: GenerationRequest) -> Prepared:
         loaded = self._require(request)
         tokenizer = loaded.tokenizer
+        tool_format = None
+        tools = None
         match request:
             case Generate():
                 bos = tokenizer.bos_token
@@ -116,9 +154,23 @@ class MlxLmEngine:
                 tokens = tokenizer.encode(request.prompt, add_special_tokens=add_special)
             case Chat():
                 tokens = self._chat_tokens(tokenizer, request)
+                tools = request.tools or None
+                if tools:
+                    tool_format = ToolCallFormat.of(tokenizer)
+                    if tool_format is None:
+                        log.warning(
+                            "tools given, but mlx-lm knows no tool-call format for this model; "
+                            "the answer is returned as text"
+                        )
         if not tokens:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
-        return Prepared(tokens=tuple(tokens), sampling=_fit_vocab(request, loaded.facts.vocab_size))
+        return MlxPrepared(
+            tokens=tuple(tokens),
+            sampling=_fit_vocab(request, loaded.facts.vocab_size),
+            cache_key=request.cache_key,
+            tool_format=tool_format,
+            tools=tools,
+        )
 
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
@@ -128,6 +180,7 @@ class MlxLmEngine:
             raise NoModel("no model loaded")
         import mlx.core as mx
         from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         s = prepared.sampling
@@ -144,21 +197,38 @@ class MlxLmEngine:
             if should_abort():
                 raise _Aborted
 
+        prompt = prepared.tokens
+        key = prepared.cache_key if isinstance(prepared, MlxPrepared) else None
+        reuse = self._caches.take(key, prompt)
+        cache = reuse.cache
+        if cache is None:
+            cache = make_prompt_cache(loaded.model, max_kv_size=loaded.max_kv_size)
+        if isinstance(prepared, MlxPrepared):
+            prepared.usage.cached_tokens = reuse.cached
+        if reuse.cached and s.repetition_penalty:
+            # The penalty looks back over prompt tokens too: give it the cached ones.
+            start = max(0, reuse.cached - s.repetition_context_size)
+            history = mx.array(prompt[start : reuse.cached])
+            processors = [_with_history(p, history) for p in processors]
+
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_ids
+        fed = list(prompt)  # every token the cache may hold, in order
+        keep = False  # whether the cache is in a known state when this ends
         responses = stream_generate(
             loaded.model,
             tokenizer,
-            mx.array(prepared.tokens),
+            mx.array(prompt[reuse.cached :]),
             max_tokens=s.max_tokens,
             sampler=sampler,
             logits_processors=processors or None,
+            prompt_cache=cache,
             prompt_progress_callback=progress,
             prefill_step_size=self._prefill_step_size,
-            max_kv_size=loaded.max_kv_size,
         )
         try:
             for r in responses:
+                fed.append(r.token)
                 logprob, top = _logprobs(r.logprobs, r.token, s.logprobs, tokenizer)
                 yield Step(
                     text=r.text,
@@ -171,10 +241,23 @@ class MlxLmEngine:
                     generation_tps=r.generation_tps,
                     peak_memory_bytes=int(r.peak_memory * 1e9),
                 )
+            keep = True
         except _Aborted:
+            keep = True
             return
+        except GeneratorExit:  # the consumer stopped reading: cancel, stop string, length
+            keep = True
+            raise
         finally:
             responses.close()
+            if keep:
+                self._keep_cache(key, fed, cache)
+
+    def _keep_cache(self, key: str | None, fed: list[int], cache: list[Any]) -> None:
+        try:
+            self._caches.put(key, fed, cache)
+        except Exception:  # losing a warm cache must not fail the request
+            log.exception("prompt cache: could not keep slot %r", key)
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
         tokenizer = self._require(request).tokenizer
@@ -192,6 +275,7 @@ class MlxLmEngine:
         return str(loaded.tokenizer.decode(list(request.tokens)))
 
     def close(self) -> None:
+        self._caches.clear()
         self._loaded = None
         mx = sys.modules.get("mlx.core")
         if mx is not None:
@@ -207,14 +291,18 @@ class MlxLmEngine:
         import psutil
 
         rss = int(psutil.Process().memory_info().rss)
+        cached = self._caches.stats
         mx = sys.modules.get("mlx.core")
         if mx is None:
-            return MemoryStats(active_bytes=0, peak_bytes=0, cache_bytes=0, rss_bytes=rss)
+            return MemoryStats(
+                active_bytes=0, peak_bytes=0, cache_bytes=0, rss_bytes=rss, prompt_cache=cached
+            )
         return MemoryStats(
             active_bytes=int(mx.get_active_memory()),
             peak_bytes=int(mx.get_peak_memory()),
             cache_bytes=int(mx.get_cache_memory()),
             rss_bytes=rss,
+            prompt_cache=cached,
         )
 
     # -- helpers ------------------------------------------------------------------------
@@ -235,6 +323,8 @@ class MlxLmEngine:
     def _chat_tokens(self, tokenizer: TokenizerWrapper, request: Chat) -> list[int]:
         messages = [_template_message(m, i, request) for i, m in enumerate(request.messages)]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+        if request.tools:
+            kwargs["tools"] = [dict(t) for t in request.tools]
         if tokenizer.has_chat_template:
             try:
                 return list(
@@ -276,10 +366,21 @@ def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[s
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls is not None:
-        out["tool_calls"] = list(message.tool_calls)
+        out["tool_calls"] = template_tool_calls(message.tool_calls)
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _with_history(processor: Any, history: Any) -> Any:
+    """``processor`` seeing ``history`` (cached prompt tokens) before the tokens
+    mlx-lm passes it, as it would have in a run without the prompt cache."""
+    import mlx.core as mx
+
+    def call(tokens: Any, logits: Any) -> Any:
+        return processor(mx.concatenate([history, tokens]), logits)
+
+    return call
 
 
 def _logprobs(

@@ -15,6 +15,8 @@ an exception class, so hosts written in Python can ``except`` on it::
     ├── LoadFailed             load_failed
     ├── OutOfMemory            out_of_memory
     ├── VisionNotSupported     vision_not_supported
+    ├── ImageTooLarge          image_too_large: over the image byte, count or pixel caps
+    ├── BadImage               bad_image: an image that cannot be read, fetched or decoded
     ├── Busy                   busy: the request queue is full
     ├── Cancelled              cancelled: a queued non-streaming request was cancelled
     ├── ShuttingDown           shutting_down: the worker is quitting
@@ -86,6 +88,14 @@ class VisionNotSupported(WireError):
     CODE = "vision_not_supported"
 
 
+class ImageTooLarge(WireError):
+    CODE = "image_too_large"
+
+
+class BadImage(WireError):
+    CODE = "bad_image"
+
+
 class Busy(WireError):
     CODE = "busy"
 
@@ -115,6 +125,8 @@ ERROR_CLASSES: dict[str, type[WireError]] = {
         LoadFailed,
         OutOfMemory,
         VisionNotSupported,
+        ImageTooLarge,
+        BadImage,
         Busy,
         Cancelled,
         ShuttingDown,

@@ -61,8 +61,41 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VisionDetails:
+    """What a vision model does with images; part of its model facts."""
+
+    image_processor: str
+    image_token: str | None
+    image_token_id: int | None
+    vision_model_type: str
+    vision_layers: int
+    vision_hidden_size: int
+    patch_size: int | None
+    max_images: int
+    max_image_bytes: int
+    remote_images: bool
+
+    def to_wire(self) -> Wire:
+        return {
+            "image_processor": self.image_processor,
+            "image_token": self.image_token,
+            "image_token_id": self.image_token_id,
+            "vision_model_type": self.vision_model_type,
+            "vision_layers": self.vision_layers,
+            "vision_hidden_size": self.vision_hidden_size,
+            "patch_size": self.patch_size,
+            "max_images": self.max_images,
+            "max_image_bytes": self.max_image_bytes,
+            "remote_images": self.remote_images,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelFacts:
-    """What a loaded model is; reported by ``load`` and ``info``."""
+    """What a loaded model is; reported by ``load`` and ``info``.
+
+    ``vision_details`` is set for vision models only, and written only then.
+    """
 
     path: str
     model_type: str
@@ -77,9 +110,10 @@ class ModelFacts:
     quantization: Mapping[str, JsonValue] | None
     parameters: int
     vision: bool = False
+    vision_details: VisionDetails | None = None
 
     def to_wire(self) -> Wire:
-        return {
+        out: Wire = {
             "path": self.path,
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
@@ -94,6 +128,9 @@ class ModelFacts:
             "parameters": self.parameters,
             "vision": self.vision,
         }
+        if self.vision_details is not None:
+            out["vision_details"] = self.vision_details.to_wire()
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,7 +190,33 @@ class TokenEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCall:
+    """One tool call parsed out of a chat answer (OpenAI's shape on the wire).
+
+    ``arguments`` is a JSON text, as in OpenAI's API.
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_wire(self) -> Wire:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Done:
+    """The end of a generation.
+
+    ``cached_tokens`` of the ``prompt_tokens`` came from the prompt cache.
+    ``tool_calls`` and ``content`` are set together, only when tool calls were
+    parsed out of the answer: ``content`` is the answer's text without them.
+    """
+
     id: RequestId | None = None
     finish_reason: str
     tokens_generated: int
@@ -163,18 +226,44 @@ class Done:
     ttft_ms: float | None
     queue_ms: float = 0.0
     peak_memory_bytes: int
+    cached_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] | None = None
+    content: str | None = None
 
     def to_wire(self) -> Wire:
-        return _envelope("done", self.id) | {
+        out = _envelope("done", self.id) | {
             "done": True,
             "finish_reason": self.finish_reason,
             "tokens_generated": self.tokens_generated,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "prompt_tps": round(self.prompt_tps, 3),
             "generation_tps": round(self.generation_tps, 3),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "queue_ms": round(self.queue_ms, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
+        }
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.to_wire() for call in self.tool_calls]
+            out["content"] = self.content or ""
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptCacheStats:
+    """The worker's prompt cache: KV caches kept for reuse by later requests."""
+
+    entries: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+
+    def to_wire(self) -> Wire:
+        return {
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
         }
 
 
@@ -184,14 +273,19 @@ class MemoryStats:
     peak_bytes: int
     cache_bytes: int
     rss_bytes: int
+    # Engines without a prompt cache (the scripted one) leave it out.
+    prompt_cache: PromptCacheStats | None = None
 
     def to_wire(self) -> Wire:
-        return {
+        out: Wire = {
             "active_bytes": self.active_bytes,
             "peak_bytes": self.peak_bytes,
             "cache_bytes": self.cache_bytes,
             "rss_bytes": self.rss_bytes,
         }
+        if self.prompt_cache is not None:
+            out["prompt_cache"] = self.prompt_cache.to_wire()
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -34,12 +34,15 @@ from .replies import (
     MemoryStats,
     ModelFacts,
     Pong,
+    PromptCacheStats,
     Reply,
     TextReply,
     TokenEvent,
     TokensReply,
+    ToolCall,
     TopLogprob,
     Unloaded,
+    VisionDetails,
 )
 
 __all__ = ["REPLY_TYPES", "parse_reply", "parse_reply_id"]
@@ -121,6 +124,28 @@ def _mapping(f: Fields, key: str, kind: type, what: str) -> dict[str, JsonValue]
 # -- one parser per reply type --------------------------------------------------------
 
 
+def _object(f: Fields, key: str) -> Fields | None:
+    value = f.object_(key)
+    return f.nested(key, value) if value is not None else None
+
+
+def _vision_details(f: Fields | None) -> VisionDetails | None:
+    if f is None:
+        return None
+    return VisionDetails(
+        image_processor=f.required_str("image_processor"),
+        image_token=f.str_("image_token"),
+        image_token_id=f.int_("image_token_id"),
+        vision_model_type=f.required_str("vision_model_type"),
+        vision_layers=_int(f, "vision_layers"),
+        vision_hidden_size=_int(f, "vision_hidden_size"),
+        patch_size=f.int_("patch_size"),
+        max_images=_int(f, "max_images"),
+        max_image_bytes=_int(f, "max_image_bytes"),
+        remote_images=_bool(f, "remote_images"),
+    )
+
+
 def _facts(f: Fields) -> ModelFacts:
     return ModelFacts(
         path=f.required_str("path"),
@@ -136,6 +161,7 @@ def _facts(f: Fields) -> ModelFacts:
         quantization=f.object_("quantization"),  # type: ignore[arg-type]
         parameters=_int(f, "parameters"),
         vision=f.bool_("vision", False),
+        vision_details=_vision_details(_object(f, "vision_details")),
     )
 
 
@@ -186,6 +212,29 @@ def _token(f: Fields, rid: RequestId | None) -> TokenEvent:
     )
 
 
+def _tool_calls(f: Fields) -> tuple[ToolCall, ...] | None:
+    items = f.list_("tool_calls")
+    if items is None:
+        return None
+    out: list[ToolCall] = []
+    for i, item in enumerate(items):
+        key = f"tool_calls[{i}]"
+        if not isinstance(item, dict):
+            raise f.fail(key, f"must be an object, got {describe(item)}")
+        call = f.nested(key, item)
+        function = _object(call, "function")
+        if function is None:
+            raise call.fail("function", "required")
+        out.append(
+            ToolCall(
+                id=call.required_str("id"),
+                name=function.required_str("name"),
+                arguments=function.required_str("arguments"),
+            )
+        )
+    return tuple(out)
+
+
 def _done(f: Fields, rid: RequestId | None) -> Done:
     return Done(
         id=rid,
@@ -197,6 +246,9 @@ def _done(f: Fields, rid: RequestId | None) -> Done:
         ttft_ms=_optional_float(f, "ttft_ms"),
         queue_ms=f.number("queue_ms", 0.0),
         peak_memory_bytes=_int(f, "peak_memory_bytes"),
+        cached_tokens=f.int_("cached_tokens", 0) or 0,
+        tool_calls=_tool_calls(f),
+        content=f.str_("content"),
     )
 
 
@@ -205,11 +257,20 @@ def _info(f: Fields, rid: RequestId | None) -> InfoReply:
     if raw is None:
         raise f.fail("memory", "required")
     m = f.nested("memory", raw)
+    cache = _object(m, "prompt_cache")
     memory = MemoryStats(
         active_bytes=_int(m, "active_bytes"),
         peak_bytes=_int(m, "peak_bytes"),
         cache_bytes=_int(m, "cache_bytes"),
         rss_bytes=_int(m, "rss_bytes"),
+        prompt_cache=None
+        if cache is None
+        else PromptCacheStats(
+            entries=_int(cache, "entries"),
+            bytes=_int(cache, "bytes"),
+            max_entries=_int(cache, "max_entries"),
+            max_bytes=_int(cache, "max_bytes"),
+        ),
     )
     return InfoReply(id=rid, model=_facts(f), memory=memory)
 

@@ -100,6 +100,8 @@ class Generate:
     id: RequestId | None = None
     prompt: str
     sampling: Sampling = field(default_factory=Sampling)
+    # Names the prompt-cache slot to reuse and refill; None is the default slot.
+    cache_key: str | None = None
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -110,6 +112,10 @@ class Chat:
     messages: tuple[ChatMessage, ...]
     sampling: Sampling = field(default_factory=Sampling)
     chat_template_kwargs: Mapping[str, JsonValue] | None = None
+    # OpenAI-style tool definitions, passed to the chat template as ``tools=``.
+    tools: tuple[Mapping[str, JsonValue], ...] | None = None
+    # Names the prompt-cache slot to reuse and refill; None is the default slot.
+    cache_key: str | None = None
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -248,6 +254,28 @@ def _message(f: Fields, index: int, raw: object) -> ChatMessage:
     )
 
 
+def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
+    """OpenAI's ``tools``: ``[{"type":"function","function":{"name":…,…}}]``."""
+    items = f.list_("tools")
+    if items is None:
+        return None
+    for i, item in enumerate(items):
+        key = f"tools[{i}]"
+        if not isinstance(item, dict):
+            raise f.fail(key, f"must be an object, got {describe(item)}")
+        tool = f.nested(key, item)
+        kind = tool.str_("type")
+        if kind is not None and kind != "function":
+            raise tool.fail("type", f"must be 'function', got {kind!r}")
+        function = tool.object_("function")
+        if function is None:
+            raise tool.fail("function", "required")
+        spec = tool.nested("function", function)
+        spec.required_str("name", nonempty=True)
+        spec.object_("parameters")
+    return tuple(items)  # type: ignore[arg-type]
+
+
 def _load(f: Fields, rid: RequestId | None) -> Load:
     return Load(
         id=rid,
@@ -267,6 +295,7 @@ def _generate(f: Fields, rid: RequestId | None) -> Generate:
         id=rid,
         prompt=f.required_str("prompt"),
         sampling=_sampling(f),
+        cache_key=f.str_("cache_key", nonempty=True),
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
@@ -281,6 +310,8 @@ def _chat(f: Fields, rid: RequestId | None) -> Chat:
         messages=tuple(_message(f, i, m) for i, m in enumerate(raw_messages)),
         sampling=_sampling(f),
         chat_template_kwargs=kwargs,  # type: ignore[arg-type]
+        tools=_tools(f),
+        cache_key=f.str_("cache_key", nonempty=True),
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 

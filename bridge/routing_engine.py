@@ -1,0 +1,151 @@
+"""One engine in front of two: mlx-lm for text models, mlx-vlm for vision models.
+
+``load`` reads the model's ``config.json`` (:mod:`bridge.model_kind`) and
+hands the load to the engine for that kind; every other call goes to the
+engine that holds the current model (at most one of them does). With no
+model loaded, calls go to the text engine, which answers ``no_model``.
+
+Loading a model of the other kind unloads the current model first. The
+order of a load is the one the spec gives: resolve the path, pass the memory
+gate (counting the current model's weights as freed), check that mlx-vlm is
+installed for a vision model (``load_failed`` with an install hint if not);
+errors up to here leave the current model loaded. Then the current model is
+unloaded and the chosen engine loads.
+
+The vision engine is built on first use, so a worker that never loads a
+vision model never imports mlx-vlm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from protocol.errors import InvalidRequest, NoModel, RequestId
+from protocol.replies import MemoryStats, ModelFacts
+from protocol.requests import Detokenize, GenerationRequest, Load, Tokenize
+
+from .engine import Engine, Prepared, ShouldAbort, Step
+from .model_files import check_fits, resolve_model_dir, weights_bytes
+from .model_kind import ModelKind, kind_of
+
+if TYPE_CHECKING:
+    from .inspect_attention import AttentionCapture
+
+VisionFactory = Callable[[], Engine]
+
+
+@runtime_checkable
+class InspectsAttention(Protocol):
+    """An engine that can capture attention queries and keys (``inspect``)."""
+
+    def inspect(
+        self, prompt: str, *, directory: Path | None, request_id: RequestId | None
+    ) -> AttentionCapture: ...
+
+
+class RoutingEngine:
+    def __init__(
+        self,
+        text: Engine,
+        vision: VisionFactory,
+        *,
+        memory_budget: int | None = None,
+        require_vision: Callable[[str], None] | None = None,
+    ) -> None:
+        """``vision`` builds the vision engine on first use;
+        ``require_vision(path)`` raises ``load_failed`` when the vision
+        engine cannot run (by default: when mlx-vlm is not installed)."""
+        self._text = text
+        self._vision_factory = vision
+        self._vision: Engine | None = None
+        self._memory_budget = memory_budget
+        self._require_vision = require_vision or _require_mlx_vlm
+        self._current: Engine = text
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        self._text.warm_up()
+
+    def load(self, request: Load) -> ModelFacts:
+        directory = resolve_model_dir(request.path)
+        kind = kind_of(directory)
+        target = self._vision_engine() if kind is ModelKind.VISION else self._text
+        if target is not self._current and self._current.facts() is not None:
+            # the target engine's own gate would not count the other engine's model
+            check_fits(weights_bytes(directory), self._available_memory(), force=request.force)
+        if kind is ModelKind.VISION:
+            self._require_vision(request.path)
+        if target is not self._current:
+            self._current.unload()
+            self._current = target
+        return target.load(request)
+
+    def unload(self) -> bool:
+        return self._current.unload()
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        return self._current.prepare(request)
+
+    def generate(
+        self, prepared: Prepared, should_abort: ShouldAbort
+    ) -> Generator[Step, None, None]:
+        return self._current.generate(prepared, should_abort)
+
+    def tokenize(self, request: Tokenize) -> tuple[int, ...]:
+        return self._current.tokenize(request)
+
+    def detokenize(self, request: Detokenize) -> str:
+        return self._current.detokenize(request)
+
+    def inspect(
+        self, prompt: str, *, directory: Path | None = None, request_id: RequestId | None = None
+    ) -> AttentionCapture:
+        """Capture every layer's attention queries and keys for ``prompt``
+        (see :mod:`bridge.inspect_attention`); text models only."""
+        current = self._current
+        if current.facts() is None:
+            raise NoModel("no model loaded; send load first", request_id=request_id)
+        if not isinstance(current, InspectsAttention):
+            raise InvalidRequest(
+                "inspect: not supported for this model (text models only)", request_id=request_id
+            )
+        return current.inspect(prompt, directory=directory, request_id=request_id)
+
+    def close(self) -> None:
+        if self._vision is not None:
+            self._vision.close()
+        self._text.close()
+
+    # -- any thread ---------------------------------------------------------------------
+
+    def facts(self) -> ModelFacts | None:
+        return self._current.facts()
+
+    def memory(self) -> MemoryStats:
+        return self._current.memory()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _vision_engine(self) -> Engine:
+        if self._vision is None:
+            self._vision = self._vision_factory()
+            self._vision.warm_up()
+        return self._vision
+
+    def _available_memory(self) -> int:
+        if self._memory_budget is not None:
+            return self._memory_budget
+        import psutil
+
+        facts = self._current.facts()
+        freed = weights_bytes(Path(facts.path)) if facts else 0
+        return int(psutil.virtual_memory().available) + freed
+
+
+def _require_mlx_vlm(path: str) -> None:
+    from .vlm_engine import require_mlx_vlm
+
+    require_mlx_vlm(path)

@@ -1,0 +1,141 @@
+"""Tool calls in both directions: history into the chat template, answers into calls.
+
+Into the template: OpenAI sends a call's ``function.arguments`` as a JSON
+text, while chat templates (Qwen's ``tool_call.arguments | tojson``) expect an
+object. ``template_tool_calls`` converts them the way mlx-lm's server does,
+leaving text that is not JSON as it is.
+
+Out of the answer: the model writes its calls as text between the format's
+markers (``<tool_call>…</tool_call>`` for Qwen's JSON calls,
+``<|tool_call_start|>[f(x=1)]<|tool_call_end|>`` for the pythonic family).
+``ToolCallFormat.of(tokenizer)`` takes the markers and the parser that mlx-lm
+chose for the model when it loaded the tokenizer (``mlx_lm/tool_parsers/``,
+picked from ``tool_parser_type`` in ``tokenizer_config.json`` or inferred from
+the chat template). ``parse_answer`` cuts the answer at the markers, exactly
+as mlx-lm's server does (a call without its end marker runs to the end of the
+answer; a format without an end marker, like Mistral's, too), and hands each
+call's text to the parser.
+
+A call the parser rejects, or one without a function name, stays in the text
+as it was written, markers included, and a warning is logged: a malformed
+call is never dropped and never fails the request.
+
+Pure functions over strings; nothing here imports MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.fields import JsonValue
+from protocol.replies import ToolCall
+
+log = logging.getLogger("bridge.tool_calls")
+
+Parser = Callable[[str, Any], Any]
+"""mlx-lm's ``parse_tool_call(text, tools)``: a call (dict) or a list of them."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallFormat:
+    start: str
+    end: str
+    parser: Parser
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> ToolCallFormat | None:
+        """The format mlx-lm chose for this ``TokenizerWrapper``, or None."""
+        parser = getattr(tokenizer, "tool_parser", None)
+        start = getattr(tokenizer, "tool_call_start", None)
+        if parser is None or not start:
+            return None
+        return cls(start=start, end=getattr(tokenizer, "tool_call_end", None) or "", parser=parser)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedAnswer:
+    tool_calls: tuple[ToolCall, ...]
+    content: str
+
+
+def parse_answer(
+    text: str, fmt: ToolCallFormat, tools: Sequence[Mapping[str, JsonValue]] | None = None
+) -> ParsedAnswer | None:
+    """The tool calls in ``text`` and the text without them; None when there
+    are no well-formed calls (the answer is then plain text)."""
+    calls: list[ToolCall] = []
+    content: list[str] = []
+    tool_list = [dict(t) for t in tools] if tools else None
+    pos = 0
+    while (begin := text.find(fmt.start, pos)) >= 0:
+        content.append(text[pos:begin])
+        body_at = begin + len(fmt.start)
+        end_at = text.find(fmt.end, body_at) if fmt.end else -1
+        if end_at < 0:
+            body, pos = text[body_at:], len(text)
+        else:
+            body, pos = text[body_at:end_at], end_at + len(fmt.end)
+        parsed = _parse_call(fmt.parser, body, tool_list)
+        if parsed is None:
+            content.append(text[begin:pos])
+        else:
+            calls.extend(parsed)
+    content.append(text[pos:])
+    if not calls:
+        return None
+    return ParsedAnswer(tool_calls=tuple(calls), content="".join(content).strip())
+
+
+def template_tool_calls(tool_calls: Sequence[JsonValue]) -> list[JsonValue]:
+    """A message's ``tool_calls`` for the chat template: copies, with each
+    ``function.arguments`` JSON text decoded to its value."""
+    out: list[JsonValue] = []
+    for call in tool_calls:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            function = dict(call["function"])  # type: ignore[arg-type]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    function["arguments"] = json.loads(arguments)
+                except ValueError:
+                    pass  # not JSON: the template gets the text
+            call = {**call, "function": function}
+        out.append(call)
+    return out
+
+
+def _parse_call(
+    parser: Parser, body: str, tools: list[dict[str, JsonValue]] | None
+) -> list[ToolCall] | None:
+    try:
+        parsed = parser(body, tools)
+        items = parsed if isinstance(parsed, list) else [parsed]
+        calls = [_tool_call(item) for item in items]
+        if not calls:
+            raise ValueError("no call in the tool-call text")
+    except Exception as exc:  # any parser failure: keep the text
+        log.warning(
+            "malformed tool call kept as text (%s: %s): %.200r", type(exc).__name__, exc, body
+        )
+        return None
+    return calls
+
+
+def _tool_call(item: object) -> ToolCall:
+    if not isinstance(item, dict):
+        raise ValueError(f"a tool call must be an object, got {type(item).__name__}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("a tool call needs a function name")
+    arguments = item.get("arguments", item.get("parameters", {}))  # Llama's JSON says parameters
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    call_id = item.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+    return ToolCall(id=call_id, name=name, arguments=arguments)

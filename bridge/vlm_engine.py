@@ -1,0 +1,502 @@
+"""The vision engine: mlx-vlm models, run on the scheduler's one engine thread.
+
+It satisfies :class:`bridge.engine.Engine` like the mlx-lm engine does, and
+streams with the same :class:`~bridge.engine.Step` semantics, so that
+``bridge.generation`` (stop strings, cancel, timings, ``done``) is shared:
+
+- ``prepare`` decodes the request's images (:mod:`bridge.images`), renders the
+  messages with mlx-vlm's ``apply_chat_template`` (given the image count) and
+  runs mlx-vlm's ``prepare_inputs``: the prompt's token ids (each image
+  expanded to its image tokens, which count as prompt tokens) plus the pixel
+  tensors, kept in a :class:`VisionPrepared`.
+- ``generate`` drives mlx-vlm's ``generate_step`` itself, the way mlx-lm's
+  ``stream_generate`` drives its own: exactly ``max_tokens`` steps for
+  ``length``, and an EOS step (``is_eos``) for ``stop``. mlx-vlm's
+  ``stream_generate`` is not used because it offers no hook during prefill
+  (it passes its own ``prompt_cache_checkpoint``) and it repeats the last token
+  on a ``length`` finish. The prefill hook is ``generate_step``'s
+  ``prompt_cache_checkpoint``: asked for at every ``--prefill-step-size``
+  tokens, it raises when the request was cancelled. Decode cancel is checked
+  per token by the caller. Models that mlx-vlm never prefills in chunks
+  (a few encoder-decoder families) can be cancelled only after prefill.
+
+mlx, mlx-vlm and Pillow are imported lazily, on the engine thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from protocol.errors import BadImage, InvalidRequest, LoadFailed, NoModel
+from protocol.fields import JsonValue
+from protocol.replies import MemoryStats, ModelFacts, TopLogprob, VisionDetails
+from protocol.requests import (
+    Chat,
+    ChatMessage,
+    Detokenize,
+    Generate,
+    GenerationRequest,
+    ImagePart,
+    Load,
+    Sampling,
+    TextPart,
+    Tokenize,
+)
+
+from .engine import Prepared, ShouldAbort, Step
+from .images import ImagePolicy, image_parts, load_images
+from .mlx_facts import model_facts
+from .model_files import check_fits, resolve_model_dir, weights_bytes
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+log = logging.getLogger("bridge.vlm_engine")
+
+DEFAULT_PREFILL_STEP = 256
+INSTALL_HINT = "pip install 'mlx-bridge[vlm]'"
+
+# Roles whose messages may carry images, as in OpenAI's API. (mlx-vlm drops
+# image markers from system and assistant turns, which would misalign the
+# images with the prompt.)
+IMAGE_ROLES = ("user",)
+
+
+class _Aborted(Exception):
+    """Raised from the prefill checkpoint hook to stop a cancelled prefill."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VisionPrepared(Prepared):
+    """Prompt tokens plus what mlx-vlm's model needs for the images."""
+
+    pixel_values: Any = None
+    mask: Any = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Loaded:
+    model: nn.Module
+    processor: Any
+    detokenizer: Any
+    facts: ModelFacts
+    weights_bytes: int
+    max_kv_size: int | None
+
+
+def require_mlx_vlm(path: str) -> None:
+    """Raise ``load_failed`` with an install hint when mlx-vlm is missing."""
+    try:
+        import mlx_vlm  # noqa: F401
+    except ImportError as exc:
+        raise LoadFailed(
+            f"{path}: this is a vision model, and vision models need mlx-vlm, which is not "
+            f"installed ({exc}); install the extra: {INSTALL_HINT}"
+        ) from None
+
+
+class MlxVlmEngine:
+    def __init__(
+        self,
+        *,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        memory_budget: int | None = None,
+        images: ImagePolicy | None = None,
+    ) -> None:
+        self._prefill_step_size = prefill_step_size
+        self._memory_budget = memory_budget
+        self._images = images or ImagePolicy()
+        self._loaded: _Loaded | None = None
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        import mlx.core  # noqa: F401
+
+    def load(self, request: Load) -> ModelFacts:
+        directory = resolve_model_dir(request.path)
+        needed = weights_bytes(directory)
+        check_fits(needed, self._available_memory(), force=request.force)
+        require_mlx_vlm(request.path)
+        self.unload()
+
+        import mlx_vlm
+        from mlx_vlm.utils import load_config
+
+        kwargs: dict[str, Any] = {"trust_remote_code": True} if request.trust_remote_code else {}
+        try:
+            model, processor = mlx_vlm.load(
+                str(directory), adapter_path=request.adapter_path, **kwargs
+            )
+            config = load_config(directory)
+        except Exception as exc:
+            raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
+        facts = replace(
+            model_facts(model, config, path=str(directory), context_len=request.context_len),
+            vision=True,
+            vision_details=self._vision_details(model, processor),
+        )
+        self._loaded = _Loaded(
+            model,
+            processor,
+            _streaming_detokenizer(processor),
+            facts,
+            needed,
+            request.context_len,
+        )
+        log.info(
+            "loaded vision model %s (%s, %d layers)", directory, facts.model_type, facts.layers
+        )
+        return facts
+
+    def unload(self) -> bool:
+        if self._loaded is None:
+            return False
+        self._loaded = None
+        gc.collect()
+        import mlx.core as mx
+
+        mx.clear_cache()
+        return True
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        loaded = self._require(request)
+        match request:
+            case Generate():
+                tokenizer = _tokenizer(loaded.processor)
+                bos = getattr(tokenizer, "bos_token", None)
+                add_special = bos is None or not request.prompt.startswith(bos)
+                tokens = list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+                if not tokens:
+                    raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
+                return Prepared(tokens=tuple(tokens), sampling=_fit_vocab(request, loaded))
+            case Chat():
+                return self._prepare_chat(loaded, request)
+
+    def generate(
+        self, prepared: Prepared, should_abort: ShouldAbort
+    ) -> Generator[Step, None, None]:
+        loaded = self._loaded
+        if loaded is None:
+            raise NoModel("no model loaded")
+        import mlx.core as mx
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_vlm.generate import generate_step
+        from mlx_vlm.generate.common import generation_stream, wired_limit
+        from mlx_vlm.models import cache
+
+        s = prepared.sampling
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        sampler = make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
+        processors = make_logits_processors(
+            logit_bias=dict(s.logit_bias) or None,
+            repetition_penalty=s.repetition_penalty,
+            repetition_context_size=s.repetition_context_size,
+        )
+        if isinstance(prepared, VisionPrepared):
+            pixel_values, mask, extra = prepared.pixel_values, prepared.mask, dict(prepared.extra)
+        else:
+            pixel_values, mask, extra = None, None, {}
+        n_prompt = len(prepared.tokens)
+        step_size = self._prefill_step_size
+
+        def checkpoint(done: int, _cache: object) -> None:
+            if should_abort():
+                raise _Aborted
+
+        model = loaded.model
+        processor = loaded.processor
+        tokenizer = _tokenizer(processor)
+        stopping = tokenizer.stopping_criteria
+        detokenizer = loaded.detokenizer
+        detokenizer.reset()
+        with wired_limit(model, [generation_stream]):
+            steps = generate_step(
+                mx.array([list(prepared.tokens)]),
+                model,
+                pixel_values,
+                mask,
+                max_tokens=s.max_tokens,
+                sampler=sampler,
+                logits_processors=processors or None,
+                prompt_cache=cache.make_prompt_cache(
+                    model.language_model, max_kv_size=loaded.max_kv_size
+                ),
+                prefill_step_size=step_size,
+                prompt_cache_checkpoint=checkpoint,
+                prompt_cache_checkpoint_lengths=list(range(step_size, n_prompt, step_size)),
+                **extra,
+            )
+            tic = time.perf_counter()
+            prompt_tps = 0.0
+            try:
+                for n, (token, logprobs) in enumerate(steps):
+                    if n == 0:
+                        prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
+                        tic = time.perf_counter()
+                    token = int(token)
+                    eos = bool(stopping(token))
+                    last = eos or n + 1 == s.max_tokens
+                    if not eos:
+                        detokenizer.add_token(token)
+                    if last:
+                        detokenizer.finalize()
+                    logprob, top = _logprobs(logprobs, token, s.logprobs, tokenizer)
+                    yield Step(
+                        text=detokenizer.last_segment,
+                        token_id=token,
+                        is_eos=eos,
+                        finish_reason=("stop" if eos else "length") if last else None,
+                        logprob=logprob,
+                        top_logprobs=top,
+                        prompt_tps=prompt_tps,
+                        generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+                        peak_memory_bytes=int(mx.get_peak_memory()),
+                    )
+                    if last:
+                        break
+            except _Aborted:
+                return
+            finally:
+                steps.close()
+                mx.clear_cache()
+
+    def tokenize(self, request: Tokenize) -> tuple[int, ...]:
+        tokenizer = _tokenizer(self._require(request).processor)
+        return tuple(tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
+
+    def detokenize(self, request: Detokenize) -> str:
+        loaded = self._require(request)
+        vocab = loaded.facts.vocab_size
+        for i, token in enumerate(request.tokens):
+            if token >= vocab:
+                raise InvalidRequest(
+                    f"tokens[{i}]: {token} is outside the vocabulary (size {vocab})",
+                    request_id=request.id,
+                )
+        return str(_tokenizer(loaded.processor).decode(list(request.tokens)))
+
+    def close(self) -> None:
+        self._loaded = None
+        mx = sys.modules.get("mlx.core")
+        if mx is not None:
+            mx.clear_streams()
+
+    # -- any thread ---------------------------------------------------------------------
+
+    def facts(self) -> ModelFacts | None:
+        loaded = self._loaded
+        return loaded.facts if loaded else None
+
+    def memory(self) -> MemoryStats:
+        import psutil
+
+        rss = int(psutil.Process().memory_info().rss)
+        mx = sys.modules.get("mlx.core")
+        if mx is None:
+            return MemoryStats(active_bytes=0, peak_bytes=0, cache_bytes=0, rss_bytes=rss)
+        return MemoryStats(
+            active_bytes=int(mx.get_active_memory()),
+            peak_bytes=int(mx.get_peak_memory()),
+            cache_bytes=int(mx.get_cache_memory()),
+            rss_bytes=rss,
+        )
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the loaded model's weight files (0 when none is loaded)."""
+        loaded = self._loaded
+        return loaded.weights_bytes if loaded else 0
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> _Loaded:
+        if self._loaded is None:
+            raise NoModel("no model loaded; send load first", request_id=request.id)
+        return self._loaded
+
+    def _available_memory(self) -> int:
+        if self._memory_budget is not None:
+            return self._memory_budget
+        import psutil
+
+        return int(psutil.virtual_memory().available) + self.weights_bytes
+
+    def _vision_details(self, model: Any, processor: Any) -> VisionDetails:
+        config = model.config
+        vision = getattr(config, "vision_config", None)
+
+        def pick(source: Any, *names: str) -> Any:
+            for name in names:
+                value = getattr(source, name, None)
+                if value is not None:
+                    return value
+            return None
+
+        token_id = pick(config, "image_token_id", "image_token_index")
+        token = pick(processor, "image_token")
+        return VisionDetails(
+            image_processor=type(getattr(processor, "image_processor", None)).__name__,
+            image_token=token if isinstance(token, str) else None,
+            image_token_id=int(token_id) if isinstance(token_id, int) else None,
+            vision_model_type=str(pick(vision, "model_type") or "unknown"),
+            vision_layers=int(pick(vision, "depth", "num_hidden_layers", "num_layers") or 0),
+            vision_hidden_size=int(pick(vision, "embed_dim", "hidden_size", "width") or 0),
+            patch_size=_int_or_none(pick(vision, "patch_size", "spatial_patch_size")),
+            max_images=self._images.max_images,
+            max_image_bytes=self._images.max_bytes,
+            remote_images=self._images.allow_remote,
+        )
+
+    def _prepare_chat(self, loaded: _Loaded, request: Chat) -> Prepared:
+        from mlx_vlm.prompt_utils import apply_chat_template
+        from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+
+        located = list(image_parts(request.messages))
+        for item in located:
+            role = request.messages[item.message].role
+            if role not in IMAGE_ROLES:
+                raise InvalidRequest(
+                    f"{item.field}: images are accepted in user messages only, "
+                    f"not in a {role!r} message",
+                    request_id=request.id,
+                )
+        images = load_images(located, self._images, request_id=request.id)
+        messages = [_template_message(m) for m in request.messages]
+        kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+        config = loaded.model.config
+        processor = loaded.processor
+        try:
+            prompt = apply_chat_template(
+                processor, config, messages, num_images=len(images), **kwargs
+            )
+        except Exception as exc:
+            raise InvalidRequest(
+                f"messages: the chat template failed: {exc}", request_id=request.id
+            ) from None
+        try:
+            inputs = prepare_inputs(
+                processor,
+                images=images or None,
+                prompts=prompt,
+                image_token_index=getattr(config, "image_token_index", None),
+                add_special_tokens=should_add_special_tokens(config.model_type, processor),
+            )
+        except Exception as exc:
+            if images:
+                raise BadImage(
+                    f"messages: the model's image processor refused the images: {exc}",
+                    request_id=request.id,
+                ) from None
+            raise InvalidRequest(f"messages: {exc}", request_id=request.id) from None
+        input_ids = inputs.get("input_ids")
+        tokens: list[int] = input_ids.flatten().tolist() if input_ids is not None else []
+        if not tokens:
+            raise InvalidRequest("messages: encode to zero tokens", request_id=request.id)
+        extra = {
+            k: v
+            for k, v in inputs.items()
+            if k not in ("input_ids", "pixel_values", "attention_mask")
+        }
+        return VisionPrepared(
+            tokens=tuple(tokens),
+            sampling=_fit_vocab(request, loaded),
+            pixel_values=inputs.get("pixel_values") if images else None,
+            mask=inputs.get("attention_mask"),
+            extra=extra,
+        )
+
+
+def _tokenizer(processor: Any) -> Any:
+    return processor.tokenizer if hasattr(processor, "tokenizer") else processor
+
+
+def _streaming_detokenizer(processor: Any) -> Any:
+    """mlx-lm's streaming detokenizer of the kind mlx-vlm chose, so that text
+    streams exactly as with the mlx-lm engine (mlx-vlm's older BPE detokenizer
+    holds text back until a token that starts with a space)."""
+    from mlx_lm import tokenizer_utils as lm
+
+    chosen = processor.detokenizer
+    tokenizer = _tokenizer(processor)
+    match type(chosen).__name__:
+        case "BPEStreamingDetokenizer":
+            return lm.BPEStreamingDetokenizer(tokenizer)
+        case "SPMStreamingDetokenizer":
+            return lm.SPMStreamingDetokenizer(
+                tokenizer, trim_space=getattr(chosen, "trim_space", True)
+            )
+    return chosen
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list | tuple) and value and isinstance(value[0], int):
+        return int(value[0])
+    return None
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as mlx-vlm's ``apply_chat_template`` reads it: content parts
+    become ``{"type":"text"}`` and ``{"type":"image"}`` in their order."""
+    content: str | list[dict[str, JsonValue]] | None
+    if isinstance(message.content, tuple):
+        content = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "image"})
+        if not any(p["type"] == "image" for p in content):
+            content = "".join(str(p["text"]) for p in content)
+    else:
+        content = message.content
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls is not None:
+        out["tool_calls"] = list(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _fit_vocab(request: GenerationRequest, loaded: _Loaded) -> Sampling:
+    """As in the mlx-lm engine: token ids in ``logit_bias`` must be in the
+    vocabulary; a ``top_k`` past the vocabulary means no top-k."""
+    s = request.sampling
+    vocab = loaded.facts.vocab_size
+    for token, _ in s.logit_bias:
+        if token >= vocab:
+            raise InvalidRequest(
+                f"logit_bias[{str(token)!r}]: token id is outside the vocabulary (size {vocab})",
+                request_id=request.id,
+            )
+    return replace(s, top_k=0) if s.top_k >= vocab else s
+
+
+def _logprobs(
+    logprobs: Any, token: int, top_n: int, tokenizer: Any
+) -> tuple[float | None, tuple[TopLogprob, ...] | None]:
+    if top_n <= 0:
+        return None, None
+    import mlx.core as mx
+
+    order = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+    ids: list[int] = order.tolist()  # type: ignore[assignment]
+    lps: list[float] = logprobs[order].tolist()
+    ranked = sorted(zip(ids, lps, strict=True), key=lambda p: -p[1])
+    top = tuple(
+        TopLogprob(token_id=int(t), token=str(tokenizer.decode([int(t)])), logprob=float(v))
+        for t, v in ranked
+    )
+    return float(logprobs[token].item()), top

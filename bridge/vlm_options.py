@@ -1,0 +1,72 @@
+"""Command-line options of the vision engine, and the engine they build.
+
+Kept apart from :mod:`bridge.cli` so that the vision flags live with the
+vision code; ``cli`` calls :func:`add_vision_options` on its parser and
+:func:`routing_engine` to put the vision engine next to the text engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .engine import Engine
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, ImagePolicy
+from .routing_engine import RoutingEngine
+
+
+def add_vision_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("vision models (needs the vlm extra: mlx-bridge[vlm])")
+    group.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let chat image parts be http(s) URLs, which the worker then fetches "
+        "(default: refused with bad_image)",
+    )
+    group.add_argument(
+        "--max-image-bytes",
+        type=_positive,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        metavar="N",
+        help=f"largest image, in bytes (encoded); larger is image_too_large "
+        f"(default: {DEFAULT_MAX_IMAGE_BYTES})",
+    )
+    group.add_argument(
+        "--max-images",
+        type=_positive,
+        default=DEFAULT_MAX_IMAGES,
+        metavar="N",
+        help=f"most images in one chat request; more is image_too_large "
+        f"(default: {DEFAULT_MAX_IMAGES})",
+    )
+
+
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    return ImagePolicy(
+        max_bytes=args.max_image_bytes,
+        max_images=args.max_images,
+        allow_remote=args.allow_remote_images,
+    )
+
+
+def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
+    """``text`` for text models, and an mlx-vlm engine, built on first use,
+    for vision models; ``args`` holds the engine and vision options."""
+    policy = image_policy(args)
+
+    def vision() -> Engine:
+        from .vlm_engine import MlxVlmEngine
+
+        return MlxVlmEngine(
+            prefill_step_size=args.prefill_step_size,
+            memory_budget=args.memory_budget,
+            images=policy,
+        )
+
+    return RoutingEngine(text, vision, memory_budget=args.memory_budget)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be ≥ 1")
+    return value
