@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -92,13 +92,11 @@ class AsyncStream:
         self.request_id = 0  # set once the request is sent
         self._timeout = timeout
         self._inbox: list[Token] = []
-        self._batch: list[Token] = []
-        self._pos = 0
         self._ended = asyncio.Event()
         self._done: Done | None = None
         self._error: SupervisorError | None = None
-        self._raised = False
         self._waiter: asyncio.Future[None] | None = None
+        self._tokens = self._iterate()
 
     # -- Sink: called by the stdout task ------------------------------------------------
 
@@ -127,15 +125,19 @@ class AsyncStream:
 
     # -- reading ----------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Token]:
+        # ``async for`` runs the async generator directly: its C-level
+        # ``__anext__`` costs about half of a coroutine method per token.
+        return self._tokens
 
-    async def __anext__(self) -> Token:
-        pos = self._pos
-        if pos < len(self._batch):
-            self._pos = pos + 1
-            return self._batch[pos]
-        return await self._refill()
+    def __anext__(self) -> Awaitable[Token]:
+        return self._tokens.__anext__()
+
+    async def _iterate(self) -> AsyncGenerator[Token, None]:
+        child = await self._send()
+        while batch := await self._take(child):
+            for token in batch:
+                yield token
 
     async def _send(self) -> AsyncChild:
         """Send the request, the first time the stream is entered or read."""
@@ -151,20 +153,16 @@ class AsyncStream:
         await child.drain()
         return child
 
-    async def _refill(self) -> Token:
-        child = self._child or await self._send()
+    async def _take(self, child: AsyncChild) -> list[Token]:
+        """The next batch of tokens; [] at the end; raises the stream's error."""
         while not self._inbox:
             if self._ended.is_set():
-                self._batch = []
-                self._pos = 0
-                if self._error is not None and not self._raised:
-                    self._raised = True
+                if self._error is not None:
                     raise self._error
-                raise StopAsyncIteration
+                return []
             await self._news(child)
-        self._batch, self._inbox = self._inbox, []
-        self._pos = 1
-        return self._batch[0]
+        batch, self._inbox = self._inbox, []
+        return batch
 
     async def _news(self, child: AsyncChild) -> None:
         waiter = self._waiter = asyncio.get_running_loop().create_future()
@@ -216,7 +214,14 @@ class AsyncStream:
         await self._supervision.cancel(self._child, self.request_id, self)
 
     async def aclose(self) -> None:
-        await self.cancel()
+        """Cancel if still running, and finish the token iterator."""
+        try:
+            await self.cancel()
+        finally:
+            try:
+                await self._tokens.aclose()
+            except RuntimeError:  # it is being iterated by another task right now
+                pass
 
     async def __aenter__(self) -> AsyncStream:
         await self._send()

@@ -46,7 +46,7 @@ from .errors import (
 from .lifecycle import QuitSink, State, expect, fixed_error, gave_up_error, memory_error
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
-from .settings import USE_DEFAULT, Settings, Timeout, command_of, cwd_of
+from .settings import USE_DEFAULT, Settings, Timeout, command_of, optional_path
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -248,7 +248,9 @@ class AsyncSupervision:
             try:
                 hello = await self._handshake(child)
                 if self.model_fields is not None:
-                    reply = await self.call("load", self.model_fields, None, child)
+                    reply = await self.call(
+                        "load", self.model_fields, self.settings.request_timeout, child
+                    )
                     self.model = expect(reply, Loaded).model
             except SupervisorError as exc:
                 log.error("restarting the worker failed: %s", exc)
@@ -398,7 +400,7 @@ class AsyncWorker:
             command=command_of(command),
             env=dict(env) if env is not None else None,
             inherit_env=inherit_env,
-            cwd=cwd_of(cwd),
+            cwd=optional_path(cwd),
             start_timeout=start_timeout,
             request_timeout=request_timeout,
             cancel_grace=cancel_grace,
@@ -410,7 +412,7 @@ class AsyncWorker:
             memory_poll_interval=memory_poll_interval,
             max_line_bytes=max_line_bytes,
         )
-        self._model = cwd_of(model)
+        self._model = optional_path(model)
         self._sup = AsyncSupervision(self.settings)
         self._finalizer = weakref.finalize(self, _kill_forgotten, self._sup)
 
@@ -468,7 +470,7 @@ class AsyncWorker:
         extra: commands.Extra | None = None,
     ) -> Loaded:
         fields = commands.load_fields(
-            cwd_of(path) or "",
+            os.fspath(path),
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
@@ -489,12 +491,15 @@ class AsyncWorker:
         self,
         prompt: str,
         *,
+        cache_key: str | None = None,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
     ) -> AsyncStream:
         """A stream of the completion of ``prompt``; sent when entered or first read."""
-        fields = commands.generate_fields(prompt, commands.sampling_fields(sampling), extra)
+        fields = commands.generate_fields(
+            prompt, commands.sampling_fields(sampling), cache_key=cache_key, extra=extra
+        )
         return AsyncStream(self._sup, "generate", fields, self.settings.timeout(timeout))
 
     def chat(
@@ -502,6 +507,8 @@ class AsyncWorker:
         messages: Sequence[commands.Message],
         *,
         chat_template_kwargs: Mapping[str, object] | None = None,
+        tools: Sequence[Mapping[str, object]] | None = None,
+        cache_key: str | None = None,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
@@ -511,6 +518,8 @@ class AsyncWorker:
             messages,
             commands.sampling_fields(sampling),
             chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+            cache_key=cache_key,
             extra=extra,
         )
         return AsyncStream(self._sup, "chat", fields, self.settings.timeout(timeout))

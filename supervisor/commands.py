@@ -104,8 +104,17 @@ def sampling_fields(options: SamplingOptions) -> Fields:
     return fields
 
 
-def generate_fields(prompt: str, sampling: Fields, extra: Extra | None = None) -> Fields:
-    return _merge({"prompt": prompt, **sampling}, extra)
+def generate_fields(
+    prompt: str,
+    sampling: Fields,
+    *,
+    cache_key: str | None = None,
+    extra: Extra | None = None,
+) -> Fields:
+    fields: Fields = {"prompt": prompt, **sampling}
+    if cache_key is not None:
+        fields["cache_key"] = cache_key
+    return _merge(fields, extra)
 
 
 def chat_fields(
@@ -113,12 +122,18 @@ def chat_fields(
     sampling: Fields,
     *,
     chat_template_kwargs: Mapping[str, object] | None = None,
+    tools: Sequence[Mapping[str, object]] | None = None,
+    cache_key: str | None = None,
     extra: Extra | None = None,
 ) -> Fields:
     fields: Fields = {"messages": [cast("dict[str, JsonValue]", dict(m)) for m in messages]}
     fields.update(sampling)
     if chat_template_kwargs is not None:
         fields["chat_template_kwargs"] = cast("dict[str, JsonValue]", dict(chat_template_kwargs))
+    if tools is not None:
+        fields["tools"] = [cast("dict[str, JsonValue]", dict(t)) for t in tools]
+    if cache_key is not None:
+        fields["cache_key"] = cache_key
     return _merge(fields, extra)
 
 

@@ -32,12 +32,14 @@ lines are dropped quietly instead of counting as unknown ids.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import operator
 import re
 import threading
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -88,11 +90,34 @@ class _Pending:
         self.streaming = cmd in STREAMING
 
 
+def _decode_all(lines: list[bytes | OverlongLine]) -> list[Any] | None:
+    """All lines decoded by one ``orjson.loads``, or None if they are not
+    exactly one JSON value each."""
+    try:
+        objs = orjson.loads(b"[" + b",".join(lines) + b"]")  # type: ignore[arg-type]
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    return objs if len(objs) == len(lines) else None
+
+
+_get_id = operator.itemgetter("id")
+_get_type = operator.itemgetter("type")
+_get_token = operator.itemgetter("token")
+_get_token_id = operator.itemgetter("token_id")
+_make_token = functools.partial(tuple.__new__, Token)
+_NONES = itertools.repeat(None)
+_FOUR = {4}
+_TOKEN = {"token"}
+_INT = {int}
+
+
 class WorkerCore:
     """Request bookkeeping for one worker process (a restart makes a new one)."""
 
     def __init__(self, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer run by the garbage collector inside ``feed``
+        # (on the reader thread) may close the worker, which opens a ``quit``.
+        self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._pending: dict[RequestId, _Pending] = {}
         self._abandoned: set[RequestId] = set()
@@ -195,48 +220,86 @@ class WorkerCore:
     # -- routing (lock held) -------------------------------------------------------
 
     def _route(self, lines: list[bytes | OverlongLine]) -> None:
-        pending = self._pending
+        """The hot path. A chunk of ordinary lines is decoded in one call, as
+        a JSON array (a newline never occurs inside a JSON line, so each line
+        is one element); the steady state of a stream, a chunk of plain tokens
+        of one request, is then checked and delivered at C speed. Anything
+        else goes object by object, and a chunk with an overlong, empty or
+        non-JSON line is decoded line by line."""
+        objs = _decode_all(lines)
+        if objs is not None:
+            if self._route_plain_tokens(objs):
+                return
+            pairs: Iterable[tuple[object, bytes]] = zip(
+                objs, cast("list[bytes]", lines), strict=True
+            )
+        else:
+            pairs = self._decode_each(lines)
         touched: list[_Pending] = []
-        loads = orjson.loads
+        for obj, line in pairs:
+            self._route_one(obj, line, touched)
+        for p in touched:
+            self._flush(p)
+
+    def _route_plain_tokens(self, objs: list[Any]) -> bool:
+        """Deliver ``objs`` if every one is a plain token (exactly ``type``,
+        ``id``, ``token``, ``token_id``, well typed) of one streaming request
+        in flight; each check is one ``map`` over the chunk. False (and
+        nothing done) as soon as one check fails."""
+        try:
+            ids = set(map(_get_id, objs))
+            if len(ids) != 1 or set(map(_get_type, objs)) != _TOKEN:
+                return False
+            if set(map(len, objs)) != _FOUR:
+                return False
+            texts = list(map(_get_token, objs))
+            token_ids = list(map(_get_token_id, objs))
+            "".join(texts)  # TypeError unless every text is a str
+        except (KeyError, TypeError):
+            return False
+        rid = ids.pop()
+        p = self._pending.get(rid) if type(rid) is int else None
+        if p is None or not p.streaming or p.buf:
+            return False
+        if set(map(type, token_ids)) != _INT:
+            return False
+        p.sink.tokens(list(map(_make_token, zip(texts, token_ids, _NONES, _NONES, strict=False))))
+        return True
+
+    def _decode_each(self, lines: list[bytes | OverlongLine]) -> Iterator[tuple[object, bytes]]:
         for line in lines:
             if type(line) is not bytes:
                 assert isinstance(line, OverlongLine)
                 self._overlong(line)
-                continue
-            if not line:
-                continue
-            try:
-                obj = loads(line)
-            except orjson.JSONDecodeError:
-                self._fault_all("the worker wrote a line that is not JSON", line)
-                continue
-            if type(obj) is not dict:
-                self._fault_all("the worker wrote a line that is not a JSON object", line)
-                continue
-            rid = obj.get("id")
-            p = pending.get(rid) if type(rid) is int or type(rid) is str else None
-            if p is None:
-                self._stray(rid, obj.get("type"), line)
-                continue
-            if obj.get("type") == "token":
-                text = obj.get("token")
-                token_id = obj.get("token_id")
-                if type(text) is str and type(token_id) is int and len(obj) == 4 and p.streaming:
-                    token = Token(text, token_id)
-                else:
-                    maybe = self._token(p, obj, line)
-                    if maybe is None:
-                        continue
-                    token = maybe
-                if not p.buf:
-                    touched.append(p)
-                p.buf.append(token)
+            elif line:
+                try:
+                    yield orjson.loads(line), line
+                except orjson.JSONDecodeError:
+                    self._fault_all("the worker wrote a line that is not JSON", line)
+
+    def _route_one(self, obj: object, line: bytes, touched: list[_Pending]) -> None:
+        if type(obj) is not dict:
+            self._fault_all("the worker wrote a line that is not a JSON object", line)
+            return
+        rid = obj.get("id")
+        p = self._pending.get(rid) if type(rid) is int else None
+        if p is None:
+            self._stray(rid, obj.get("type"), line)
+        elif obj.get("type") != "token":
+            self._terminal(p, obj, line)
+        else:
+            text = obj.get("token")
+            token_id = obj.get("token_id")
+            if type(text) is str and type(token_id) is int and len(obj) == 4 and p.streaming:
+                token = Token(text, token_id)
             else:
-                self._terminal(p, obj, line)
-        for p in touched:
-            if p.buf:
-                p.sink.tokens(p.buf)
-                p.buf = []
+                maybe = self._token(p, obj, line)
+                if maybe is None:
+                    return
+                token = maybe
+            if not p.buf:
+                touched.append(p)
+            p.buf.append(token)
 
     def _flush(self, p: _Pending) -> None:
         if p.buf:
@@ -287,7 +350,7 @@ class WorkerCore:
             raw_id = m.group(2)
             rid: object = int(raw_id) if raw_id[:1] != b'"' else orjson.loads(raw_id)
             terminal = m.group(1) != b"token"
-            p = self._pending.get(rid) if type(rid) is int or type(rid) is str else None
+            p = self._pending.get(rid) if type(rid) is int else None
             if p is not None:
                 log.error("%s (request %r)", what, rid)
                 self._fail_one(p, ProtocolError(what, line=line.head, request_id=p.id))
@@ -295,14 +358,14 @@ class WorkerCore:
                     self._abandoned.discard(p.id)
                     self._cancels.remove(p.id)
                 return
-            if rid in self._abandoned:
+            if type(rid) is int and rid in self._abandoned:
                 if terminal:
                     self._abandoned.discard(rid)
                 return
         self._fault_all(what, line.head)
 
     def _stray(self, rid: object, kind: object, line: bytes) -> None:
-        if (type(rid) is int or type(rid) is str) and rid in self._abandoned:
+        if type(rid) is int and rid in self._abandoned:
             if kind != "token":
                 self._abandoned.discard(rid)
             return

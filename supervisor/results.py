@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from protocol.replies import Done, MemoryStats, TopLogprob
+from protocol.replies import Done, MemoryStats, ToolCall, TopLogprob
 
 __all__ = ["StreamResult", "Timings", "Token", "Usage", "WorkerStats"]
 
@@ -27,8 +27,11 @@ class Token(NamedTuple):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
+    """Token counts; ``cached_tokens`` of the prompt came from the prompt cache."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -48,18 +51,26 @@ class Timings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StreamResult:
     """How a generation ended: ``finish_reason`` is one of ``stop``,
-    ``length``, ``stop_sequence`` or ``cancelled``."""
+    ``length``, ``stop_sequence`` or ``cancelled``. ``tool_calls`` (with
+    ``content``, the answer's text without them) is set when the worker
+    parsed tool calls out of a chat answer."""
 
     finish_reason: str
     usage: Usage
     timings: Timings
     peak_memory_bytes: int
+    tool_calls: tuple[ToolCall, ...] | None = None
+    content: str | None = None
 
     @classmethod
     def of(cls, done: Done) -> StreamResult:
         return cls(
             finish_reason=done.finish_reason,
-            usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.tokens_generated),
+            usage=Usage(
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.tokens_generated,
+                cached_tokens=done.cached_tokens,
+            ),
             timings=Timings(
                 ttft_ms=done.ttft_ms,
                 prompt_tps=done.prompt_tps,
@@ -67,6 +78,8 @@ class StreamResult:
                 queue_ms=done.queue_ms,
             ),
             peak_memory_bytes=done.peak_memory_bytes,
+            tool_calls=done.tool_calls,
+            content=done.content,
         )
 
 

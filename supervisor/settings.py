@@ -19,7 +19,7 @@ __all__ = [
     "Timeout",
     "UseDefault",
     "command_of",
-    "cwd_of",
+    "optional_path",
     "default_command",
 ]
 
@@ -45,8 +45,8 @@ def command_of(command: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(command) if command is not None else default_command()
 
 
-def cwd_of(cwd: str | os.PathLike[str] | None) -> str | None:
-    return os.fspath(cwd) if cwd is not None else None
+def optional_path(path: str | os.PathLike[str] | None) -> str | None:
+    return os.fspath(path) if path is not None else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

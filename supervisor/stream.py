@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -105,8 +105,8 @@ class Stream:
 
     # -- reading ----------------------------------------------------------------------
 
-    def __iter__(self) -> Stream:
-        return self
+    def __iter__(self) -> Iterator[Token]:
+        return self._tokens  # ``for`` runs the generator directly: no call per token
 
     def __next__(self) -> Token:
         return next(self._tokens)
@@ -118,14 +118,7 @@ class Stream:
     def _take(self) -> list[Token]:
         """The next batch of tokens; [] at the end; raises the stream's error."""
         with self._cond:
-            if not self._inbox and not self._ended:
-                if not self._cond.wait_for(self._has_news, self._timeout):
-                    timed_out = True
-                else:
-                    timed_out = False
-            else:
-                timed_out = False
-            if not timed_out:
+            if self._cond.wait_for(self._has_news, self._timeout):
                 batch, self._inbox = self._inbox, []
                 if batch:
                     return batch

@@ -11,6 +11,7 @@ to it, only to its ``Supervision``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -45,12 +46,10 @@ from .lifecycle import QuitSink, State, expect, fixed_error, gave_up_error, memo
 from .process import SyncChild
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
-from .settings import USE_DEFAULT, Settings, Timeout, command_of, cwd_of
+from .settings import USE_DEFAULT, Settings, Timeout, command_of, optional_path
 from .stream import ReplySink, Stream
 
 if TYPE_CHECKING:
-    import os
-
     from typing_extensions import Unpack
 
 __all__ = ["Worker"]
@@ -263,7 +262,10 @@ class Supervision:
             try:
                 hello = self._handshake(child)
                 if self.model_fields is not None:
-                    loaded = expect(self.call("load", self.model_fields, None, child), Loaded)
+                    loaded = expect(
+                        self.call("load", self.model_fields, self.settings.request_timeout, child),
+                        Loaded,
+                    )
                     self.model = loaded.model
             except SupervisorError as exc:
                 log.error("restarting the worker failed: %s", exc)
@@ -408,7 +410,7 @@ class Worker:
             command=command_of(command),
             env=dict(env) if env is not None else None,
             inherit_env=inherit_env,
-            cwd=cwd_of(cwd),
+            cwd=optional_path(cwd),
             start_timeout=start_timeout,
             request_timeout=request_timeout,
             cancel_grace=cancel_grace,
@@ -425,7 +427,7 @@ class Worker:
         try:
             self._sup.start()
             if model is not None:
-                self.load(cwd_of(model) or "")
+                self.load(model)
         except BaseException:
             self.close()
             raise
@@ -475,7 +477,7 @@ class Worker:
     ) -> Loaded:
         """Load a model (replacing the current one); it is reloaded after a restart."""
         fields = commands.load_fields(
-            cwd_of(path) or "",
+            os.fspath(path),
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
@@ -496,12 +498,15 @@ class Worker:
         self,
         prompt: str,
         *,
+        cache_key: str | None = None,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
     ) -> Stream:
         """Stream a completion of ``prompt``."""
-        fields = commands.generate_fields(prompt, commands.sampling_fields(sampling), extra)
+        fields = commands.generate_fields(
+            prompt, commands.sampling_fields(sampling), cache_key=cache_key, extra=extra
+        )
         return self._sup.stream("generate", fields, self.settings.timeout(timeout))
 
     def chat(
@@ -509,6 +514,8 @@ class Worker:
         messages: Sequence[commands.Message],
         *,
         chat_template_kwargs: Mapping[str, object] | None = None,
+        tools: Sequence[Mapping[str, object]] | None = None,
+        cache_key: str | None = None,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
@@ -518,6 +525,8 @@ class Worker:
             messages,
             commands.sampling_fields(sampling),
             chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+            cache_key=cache_key,
             extra=extra,
         )
         return self._sup.stream("chat", fields, self.settings.timeout(timeout))

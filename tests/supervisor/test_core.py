@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from protocol.codec import encode
@@ -16,12 +18,15 @@ from protocol.replies import (
     MemoryStats,
     ModelFacts,
     Pong,
+    PromptCacheStats,
     Reply,
     TextReply,
     TokenEvent,
     TokensReply,
+    ToolCall,
     TopLogprob,
     Unloaded,
+    VisionDetails,
 )
 from protocol.reply_decode import parse_reply
 from supervisor.core import WorkerCore
@@ -43,6 +48,22 @@ FACTS = ModelFacts(
     dtype="float32",
     quantization={"bits": 4, "group_size": 64},
     parameters=200_000,
+)
+VISION_FACTS = dataclasses.replace(
+    FACTS,
+    vision=True,
+    vision_details=VisionDetails(
+        image_processor="Qwen2VLImageProcessor",
+        image_token="<|image_pad|>",
+        image_token_id=151655,
+        vision_model_type="qwen2_vl",
+        vision_layers=2,
+        vision_hidden_size=32,
+        patch_size=14,
+        max_images=4,
+        max_image_bytes=1 << 20,
+        remote_images=False,
+    ),
 )
 DONE = Done(
     id=1,
@@ -78,10 +99,34 @@ EVERY_REPLY: list[Reply] = [
         top_logprobs=(TopLogprob(token_id=8, token="x", logprob=-0.5),),
     ),
     DONE,
+    Done(
+        id=1,
+        finish_reason="stop",
+        tokens_generated=5,
+        prompt_tokens=30,
+        cached_tokens=20,
+        prompt_tps=1.5,
+        generation_tps=2.5,
+        ttft_ms=3.5,
+        peak_memory_bytes=7,
+        tool_calls=(ToolCall(id="call_1", name="get_weather", arguments='{"city":"Oslo"}'),),
+        content="",
+    ),
     InfoReply(
         id=5,
         model=FACTS,
         memory=MemoryStats(active_bytes=1, peak_bytes=2, cache_bytes=3, rss_bytes=4),
+    ),
+    InfoReply(
+        id=5,
+        model=VISION_FACTS,
+        memory=MemoryStats(
+            active_bytes=1,
+            peak_bytes=2,
+            cache_bytes=3,
+            rss_bytes=4,
+            prompt_cache=PromptCacheStats(entries=1, bytes=2, max_entries=3, max_bytes=4),
+        ),
     ),
     TokensReply(id=6, tokens=(1, 2, 3)),
     TextReply(id=7, text="hé"),
@@ -292,3 +337,18 @@ def test_restart_guard_counts_restarts_in_a_sliding_window() -> None:
     assert not guard.allow(2.0)
     assert guard.allow(10.5)  # the first one left the window
     assert not guard.allow(10.6)
+
+
+def test_a_chunk_of_plain_tokens_and_a_malformed_one() -> None:
+    core = WorkerCore()
+    sink, other = Sink(), Sink()
+    rid, _ = core.open("generate", {"prompt": "x"}, sink)
+    core.open("generate", {"prompt": "y"}, other)
+    plain = lines(*(TokenEvent(id=rid, token=f" w{i}", token_id=i) for i in range(100)))
+    assert core.feed(plain) == []  # the fast path
+    assert sink.tokens_seen == [Token(f" w{i}", i) for i in range(100)]
+    bad = b'{"type":"token","id":%d,"token":5,"token_id":1}\n' % rid
+    assert core.feed(plain + bad + plain) == [rid]  # the slow path: the chunk is mixed
+    assert len(sink.tokens_seen) == 200  # the tokens before the bad line
+    assert isinstance(sink.error, ProtocolError) and "token.token" in str(sink.error)
+    assert other.error is None and other.tokens_seen == []

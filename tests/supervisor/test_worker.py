@@ -173,3 +173,16 @@ def test_secrets_in_env_stay_out_of_argv() -> None:
         proc = psutil.Process(w.pid)
         assert "s3cret" not in " ".join(proc.cmdline())
         assert proc.environ()["MY_TOKEN"] == "s3cret"
+
+
+def test_tools_and_cache_key_reach_the_worker() -> None:
+    with mock_worker() as w:
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+        messages = [{"role": "user", "content": "a b"}]
+        stream = w.chat(messages, tools=[tool], cache_key="session-1", max_tokens=2)
+        assert stream.text() == "a b"
+        assert stream.result.usage.cached_tokens >= 0 and stream.result.tool_calls is None
+        with pytest.raises(RequestError, match=r"tools\[0\]\.function: required"):
+            w.chat(messages, tools=[{"type": "function"}]).text()
+        with pytest.raises(RequestError, match="cache_key: must not be empty"):
+            w.generate("x", cache_key="").text()
