@@ -1,0 +1,3 @@
+module example.com/mlxhost
+
+go 1.23
