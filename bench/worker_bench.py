@@ -96,8 +96,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def compare_decode(
-    model_dir: str, pipe: Pipe, prompt: str, tokens: int, rounds: int
+    model_dir: str, pipe: Pipe, worker: Any, prompt: str, tokens: int, rounds: int
 ) -> dict[str, Any]:
+    """Rounds interleave in-process, raw pipe and ``supervisor.Worker``."""
     import mlx.core as mx
     import mlx_lm
     from mlx_lm import stream_generate
@@ -106,7 +107,8 @@ def compare_decode(
     ids = tokenizer.encode(prompt)
     ours: dict[str, list[float]] = {"tps": [], "ttft_ms": []}
     theirs: dict[str, list[float]] = {"tps": [], "ttft_ms": []}
-    for r in range(rounds + 1):  # round 0 warms both up
+    supervised: dict[str, list[float]] = {"tps": [], "ttft_ms": []}
+    for r in range(rounds + 1):  # round 0 warms all three up
         started = time.perf_counter()
         stamps = []
         for _ in stream_generate(model, tokenizer, mx.array(ids), max_tokens=tokens):
@@ -121,17 +123,33 @@ def compare_decode(
         if r:
             ours["tps"].append(decode_rate(stamps))
             ours["ttft_ms"].append((stamps[0] - sent) * 1000)
+        sent = time.perf_counter()
+        with worker.generate(prompt, max_tokens=tokens) as stream:
+            stamps = [time.perf_counter() for _ in stream]
+        assert len(stamps) == tokens, stream.result
+        if r:
+            supervised["tps"].append(decode_rate(stamps))
+            supervised["ttft_ms"].append((stamps[0] - sent) * 1000)
     med = {k: statistics.median(v) for k, v in ours.items()}
     ref = {k: statistics.median(v) for k, v in theirs.items()}
+    sup = {k: statistics.median(v) for k, v in supervised.items()}
     return {
         "tokens": tokens,
         "rounds": rounds,
         "worker_tps": med["tps"],
         "in_process_tps": ref["tps"],
         "tps_ratio": med["tps"] / ref["tps"],
+        "supervisor_tps": sup["tps"],
+        "supervisor_tps_ratio": sup["tps"] / ref["tps"],
         "worker_ttft_ms": med["ttft_ms"],
         "in_process_ttft_ms": ref["ttft_ms"],
+        "supervisor_ttft_ms": sup["ttft_ms"],
         "ttft_overhead_ms": med["ttft_ms"] - ref["ttft_ms"],
+        "rounds_tps": {
+            "worker": ours["tps"],
+            "in_process": theirs["tps"],
+            "supervisor": supervised["tps"],
+        },
     }
 
 
@@ -239,10 +257,18 @@ def main() -> int:
         "model": args.model,
     }
     results["hello"] = hello_after_spawn(10)
-    pipe = Pipe("--prefill-step-size", str(step))
+    pipe = Pipe("--prefill-step-size", str(step), "--prompt-cache-entries", "0")
     pipe.send({"cmd": "load", "id": "l", "path": args.model})
     results["load"] = pipe.until_terminal()[-1][1]
-    results["decode"] = compare_decode(args.model, pipe, "def main():", args.tokens, args.rounds)
+    sys.path.insert(0, str(ROOT))
+    from supervisor import Worker
+
+    # No prompt cache on either worker: every round prefills, as in-process does.
+    command = [sys.executable, "-m", "bridge", "--prompt-cache-entries", "0"]
+    with Worker(command, model=args.model, cwd=ROOT, env={"HF_HUB_OFFLINE": "1"}) as worker:
+        results["decode"] = compare_decode(
+            args.model, pipe, worker, "def main():", args.tokens, args.rounds
+        )
     results["cancel_decode"] = cancel_in_decode(pipe, args.tries)
     results["cancel_prefill"] = cancel_in_prefill(pipe, args.tries, args.prefill_chars, step)
     pipe.close()

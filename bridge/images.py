@@ -26,7 +26,6 @@ import base64
 import binascii
 import io
 import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -185,6 +184,8 @@ def _read_file(
 
 
 def _fetch(url: str, policy: ImagePolicy, *, field: str, request_id: RequestId | None) -> bytes:
+    import urllib.request  # about 40 ms (http.client, ssl): not before the first hello
+
     request = urllib.request.Request(url, headers={"User-Agent": "mlx-bridge"})
     try:
         with urllib.request.urlopen(request, timeout=policy.remote_timeout_s) as response:
