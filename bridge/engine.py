@@ -13,8 +13,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol.replies import MemoryStats, ModelFacts, TopLogprob
-from protocol.requests import Detokenize, GenerationRequest, Load, Sampling, Tokenize
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob
+from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Sampling, Tokenize
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +71,10 @@ class Engine(Protocol):
     def tokenize(self, request: Tokenize) -> tuple[int, ...]: ...
 
     def detokenize(self, request: Detokenize) -> str: ...
+
+    def inspect(self, request: Inspect) -> AttentionFacts:
+        """Write the prompt's attention queries and keys to files (see
+        :mod:`bridge.inspect_attention`); raises a WireError when it cannot."""
 
     def facts(self) -> ModelFacts | None:
         """The loaded model, or None. Any thread."""

@@ -24,18 +24,26 @@ call it exactly once for queries and once for keys with the expected head
 counts, makes the capture fail with a clear message rather than write
 wrong data.
 
-Only this module and the engines import MLX; it is imported lazily.
+Only this module and the engines import MLX; it is imported lazily, by
+:func:`capture_attention` alone. The rest (the file layout, the output
+directory, the wire errors) needs no MLX: mock_worker's scripted engine
+writes its made-up captures with :func:`save_capture`, so both workers lay
+their files out alike.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from protocol.errors import InvalidRequest, RequestId
+from protocol.replies import AttentionFacts
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 DIR_PREFIX = "mlx-bridge-inspect-"
@@ -43,6 +51,14 @@ DIR_PREFIX = "mlx-bridge-inspect-"
 
 class InspectError(Exception):
     """The model's layout is not one this capture understands."""
+
+
+class EmptyPrompt(InspectError):
+    """The prompt encodes to zero tokens."""
+
+
+class BadDirectory(InspectError):
+    """The output directory cannot be created or written to."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,9 +87,62 @@ class AttentionCapture:
             "files": {"queries": "queries_{layer:02d}.bin", "keys": "keys_{layer:02d}.bin"},
         }
 
+    def facts(self) -> AttentionFacts:
+        """The figures of the ``inspected`` reply."""
+        return AttentionFacts(
+            dir=str(self.directory),
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            num_q_heads=self.num_q_heads,
+            seq_len=self.seq_len,
+            head_dim=self.head_dim,
+            architecture=self.architecture,
+        )
+
 
 def layer_file(kind: str, layer: int) -> str:
     return f"{kind}_{layer:02d}.bin"
+
+
+def requested_directory(raw: str | None) -> Path | None:
+    """A request's ``dir`` as an absolute path (``~`` expanded), or None."""
+    return None if raw is None else Path(raw).expanduser().absolute()
+
+
+def output_directory(directory: Path | None) -> Path:
+    """``directory``, created if missing, or a new private temporary directory."""
+    if directory is None:
+        return Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadDirectory(f"cannot create {directory}: {exc.strerror or exc}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise BadDirectory(f"{directory} is not writable")
+    return directory
+
+
+def save_capture(capture: AttentionCapture, layers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Write each layer's (queries, keys) float32 bytes, then ``inspect.json``,
+    into ``capture.directory`` (which must exist)."""
+    directory = capture.directory
+    for i, (queries, keys) in enumerate(layers):
+        (directory / layer_file("queries", i)).write_bytes(queries)
+        (directory / layer_file("keys", i)).write_bytes(keys)
+    (directory / "inspect.json").write_text(json.dumps(capture.layout(), indent=2) + "\n")
+
+
+def wire_error(exc: InspectError, request_id: RequestId | None) -> InvalidRequest:
+    """An ``inspect`` that cannot be served, as the ``invalid_request`` the
+    host gets: it names the field at fault (``prompt``, ``dir``), or ``cmd``
+    when the loaded model is one this capture does not understand."""
+    if isinstance(exc, EmptyPrompt):
+        message = "prompt: encodes to zero tokens"
+    elif isinstance(exc, BadDirectory):
+        message = f"dir: {exc}"
+    else:
+        message = f"cmd: inspect cannot capture this model's attention: {exc}"
+    return InvalidRequest(message, request_id=request_id)
 
 
 def capture_attention(
@@ -84,8 +153,8 @@ def capture_attention(
     directory: Path | None = None,
 ) -> AttentionCapture:
     """Run one prefill of ``tokens`` through an mlx-lm ``model`` and write
-    every layer's queries and keys into ``directory`` (a new private
-    temporary directory when None)."""
+    every layer's queries and keys into ``directory`` (created if missing;
+    a new private temporary directory when None)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.cache import make_prompt_cache
@@ -93,7 +162,7 @@ def capture_attention(
     if sys.byteorder != "little":  # MLX runs on little-endian machines only
         raise InspectError("inspect writes little-endian data and needs a little-endian host")
     if not tokens:
-        raise InspectError("the prompt encodes to zero tokens")
+        raise EmptyPrompt("the prompt encodes to zero tokens")
 
     class Recorder(nn.Module):  # type: ignore[misc]
         """Stands in for an attention module's ``rope`` and keeps its outputs."""
@@ -133,14 +202,8 @@ def capture_attention(
                 f"layer {i}: shapes {q.shape}/{k.shape} differ from layer 0's "
                 f"{q0.shape}/{k0.shape}; per-layer shapes are not supported"
             )
-    if directory is None:
-        directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, (q, k) in enumerate(pairs):
-        (directory / layer_file("queries", i)).write_bytes(_float32_bytes(q))
-        (directory / layer_file("keys", i)).write_bytes(_float32_bytes(k))
     result = AttentionCapture(
-        directory=directory,
+        directory=output_directory(directory),
         num_layers=len(pairs),
         num_q_heads=int(q0.shape[1]),
         num_kv_heads=int(k0.shape[1]),
@@ -148,7 +211,7 @@ def capture_attention(
         head_dim=int(q0.shape[3]),
         architecture=architecture,
     )
-    (directory / "inspect.json").write_text(json.dumps(result.layout(), indent=2) + "\n")
+    save_capture(result, ((_float32_bytes(q), _float32_bytes(k)) for q, k in pairs))
     return result
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from protocol.errors import Cancelled, WireError
 from protocol.replies import Done, ErrorReply, Reply, TokenEvent
-from protocol.requests import Chat, Detokenize, Generate, Info, Load, Tokenize, Unload
+from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, Tokenize, Unload
 
-QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Info
+QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Inspect | Info
 Send = Callable[[Reply], None]
 
 

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
 from protocol.fields import JsonValue
-from protocol.replies import MemoryStats, ModelFacts, TopLogprob
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob
 from protocol.requests import (
     Chat,
     ChatMessage,
     Detokenize,
     Generate,
     GenerationRequest,
+    Inspect,
     Load,
     Sampling,
     TextPart,
@@ -31,6 +32,7 @@ from protocol.requests import (
 
 from .engine import Prepared, ShouldAbort, Step
 from .generation import Outcome
+from .inspect_attention import InspectError, inspect_prompt, requested_directory, wire_error
 from .mlx_facts import model_facts
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
 from .model_files import check_fits, resolve_model_dir, weights_bytes
@@ -274,6 +276,20 @@ class MlxLmEngine:
                 )
         return str(loaded.tokenizer.decode(list(request.tokens)))
 
+    def inspect(self, request: Inspect) -> AttentionFacts:
+        loaded = self._require(request)
+        try:
+            capture = inspect_prompt(
+                loaded.model,
+                loaded.tokenizer,
+                request.prompt,
+                architecture=loaded.facts.model_type,
+                directory=requested_directory(request.dir),
+            )
+        except InspectError as exc:
+            raise wire_error(exc, request.id) from None
+        return capture.facts()
+
     def close(self) -> None:
         self._caches.clear()
         self._loaded = None
@@ -307,7 +323,7 @@ class MlxLmEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> _Loaded:
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize | Inspect) -> _Loaded:
         if self._loaded is None:
             raise NoModel("no model loaded; send load first", request_id=request.id)
         return self._loaded

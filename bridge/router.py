@@ -20,6 +20,7 @@ from protocol.requests import (
     Generate,
     Hello,
     Info,
+    Inspect,
     Load,
     Ping,
     Quit,
@@ -73,7 +74,16 @@ class Router:
                     self._writer.send(info_reply(self._engine, request))
                 case Cancel():
                     self._scheduler.cancel(request.id)
-                case Load() | Unload() | Generate() | Chat() | Tokenize() | Detokenize() | Info():
+                case (
+                    Load()
+                    | Unload()
+                    | Generate()
+                    | Chat()
+                    | Tokenize()
+                    | Detokenize()
+                    | Inspect()
+                    | Info()
+                ):
                     # info waits its turn only behind a load/unload that changes the model
                     self._scheduler.submit(Job(request=request, send=self._writer.send))
         except WireError as exc:

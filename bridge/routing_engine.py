@@ -20,29 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from protocol.errors import InvalidRequest, NoModel, RequestId
-from protocol.replies import MemoryStats, ModelFacts
-from protocol.requests import Detokenize, GenerationRequest, Load, Tokenize
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
+from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
 from .engine import Engine, Prepared, ShouldAbort, Step
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .model_kind import ModelKind, kind_of
 
-if TYPE_CHECKING:
-    from .inspect_attention import AttentionCapture
-
 VisionFactory = Callable[[], Engine]
-
-
-@runtime_checkable
-class InspectsAttention(Protocol):
-    """An engine that can capture attention queries and keys (``inspect``)."""
-
-    def inspect(
-        self, prompt: str, *, directory: Path | None, request_id: RequestId | None
-    ) -> AttentionCapture: ...
 
 
 class RoutingEngine:
@@ -100,19 +86,9 @@ class RoutingEngine:
     def detokenize(self, request: Detokenize) -> str:
         return self._current.detokenize(request)
 
-    def inspect(
-        self, prompt: str, *, directory: Path | None = None, request_id: RequestId | None = None
-    ) -> AttentionCapture:
-        """Capture every layer's attention queries and keys for ``prompt``
-        (see :mod:`bridge.inspect_attention`); text models only."""
-        current = self._current
-        if current.facts() is None:
-            raise NoModel("no model loaded; send load first", request_id=request_id)
-        if not isinstance(current, InspectsAttention):
-            raise InvalidRequest(
-                "inspect: not supported for this model (text models only)", request_id=request_id
-            )
-        return current.inspect(prompt, directory=directory, request_id=request_id)
+    def inspect(self, request: Inspect) -> AttentionFacts:
+        # the text engine captures; the vision engine refuses with invalid_request
+        return self._current.inspect(request)
 
     def close(self) -> None:
         if self._vision is not None:

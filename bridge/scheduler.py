@@ -17,8 +17,8 @@ import time
 from collections import deque
 
 from protocol.errors import Busy, DuplicateId, Internal, NoModel, RequestId, ShuttingDown, WireError
-from protocol.replies import InfoReply, Loaded, TextReply, TokensReply, Unloaded
-from protocol.requests import Chat, Detokenize, Generate, Info, Load, Tokenize, Unload
+from protocol.replies import InfoReply, Inspected, Loaded, TextReply, TokensReply, Unloaded
+from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, Tokenize, Unload
 
 from .engine import Engine
 from .generation import run_generation
@@ -163,6 +163,8 @@ class SerialScheduler:
                     job.finish(TokensReply(id=request.id, tokens=self._engine.tokenize(request)))
                 case Detokenize():
                     job.finish(TextReply(id=request.id, text=self._engine.detokenize(request)))
+                case Inspect():
+                    job.finish(Inspected(id=request.id, attention=self._engine.inspect(request)))
                 case Info():
                     job.finish(info_reply(self._engine, request))
         except WireError as exc:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.errors import BadImage, InvalidRequest, LoadFailed, NoModel
 from protocol.fields import JsonValue
-from protocol.replies import MemoryStats, ModelFacts, TopLogprob, VisionDetails
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob, VisionDetails
 from protocol.requests import (
     Chat,
     ChatMessage,
@@ -43,6 +43,7 @@ from protocol.requests import (
     Generate,
     GenerationRequest,
     ImagePart,
+    Inspect,
     Load,
     Sampling,
     TextPart,
@@ -284,6 +285,15 @@ class MlxVlmEngine:
                 )
         return str(_tokenizer(loaded.processor).decode(list(request.tokens)))
 
+    def inspect(self, request: Inspect) -> AttentionFacts:
+        """Refused: mlx-vlm's language models take positions (mrope) and image
+        features that a bare-token capture pass does not provide."""
+        self._require(request)
+        raise InvalidRequest(
+            "cmd: inspect supports text models only; the loaded model is a vision model",
+            request_id=request.id,
+        )
+
     def close(self) -> None:
         self._loaded = None
         mx = sys.modules.get("mlx.core")
@@ -318,7 +328,7 @@ class MlxVlmEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> _Loaded:
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize | Inspect) -> _Loaded:
         if self._loaded is None:
             raise NoModel("no model loaded; send load first", request_id=request.id)
         return self._loaded

@@ -1,14 +1,17 @@
 """``ScriptedEngine``: a :class:`bridge.engine.Engine` with no model behind it.
 
 It loads any path instantly, echoes the prompt's words as tokens (see
-:mod:`mock_worker.echo`), tokenizes text as its UTF-8 bytes, and injects the
-faults of :mod:`mock_worker.faults`. The real request loop
-(:func:`bridge.server.serve`) runs it, so stop strings, cancel, queueing and
-every reply shape are the real worker's.
+:mod:`mock_worker.echo`), tokenizes text as its UTF-8 bytes, answers
+``inspect`` with made-up attention files of the mock model's shapes (see
+:func:`attention_values`), and injects the faults of
+:mod:`mock_worker.faults`. The real request loop (:func:`bridge.server.serve`)
+runs it, so stop strings, cancel, queueing and every reply shape are the
+real worker's.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import resource
 import sys
@@ -17,9 +20,17 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 
 from bridge.engine import Prepared, ShouldAbort, Step
+from bridge.inspect_attention import (
+    AttentionCapture,
+    InspectError,
+    output_directory,
+    requested_directory,
+    save_capture,
+    wire_error,
+)
 from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
-from protocol.replies import MemoryStats, ModelFacts
-from protocol.requests import Chat, Detokenize, GenerationRequest, Load, Tokenize
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
+from protocol.requests import Chat, Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
 from . import echo
 from .faults import GARBAGE_LINE, Faults, block_forever, crash, flood_stderr
@@ -172,6 +183,36 @@ class ScriptedEngine:
                 f"tokens: not valid UTF-8 at position {exc.start}", request_id=request.id
             ) from None
 
+    def inspect(self, request: Inspect) -> AttentionFacts:
+        self._require(request)
+        assert self._facts is not None
+        facts = self._facts
+        seq_len = len(request.prompt.encode())  # one token per UTF-8 byte, as in tokenize
+        if not seq_len:
+            raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
+        try:
+            capture = AttentionCapture(
+                directory=output_directory(requested_directory(request.dir)),
+                num_layers=facts.layers,
+                num_q_heads=facts.num_attention_heads,
+                num_kv_heads=facts.num_key_value_heads,
+                seq_len=seq_len,
+                head_dim=facts.head_dim,
+                architecture=facts.model_type,
+            )
+        except InspectError as exc:
+            raise wire_error(exc, request.id) from None
+        q_count = capture.num_q_heads * seq_len * capture.head_dim
+        k_count = capture.num_kv_heads * seq_len * capture.head_dim
+        save_capture(
+            capture,
+            (
+                (attention_values(layer, q_count), attention_values(layer, k_count, sign=-1.0))
+                for layer in range(capture.num_layers)
+            ),
+        )
+        return capture.facts()
+
     def close(self) -> None:
         self._facts = None
 
@@ -188,7 +229,7 @@ class ScriptedEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _require(self, request: GenerationRequest | Tokenize | Detokenize) -> None:
+    def _require(self, request: GenerationRequest | Tokenize | Detokenize | Inspect) -> None:
         if self._facts is None:
             raise NoModel("no model loaded; send load first", request_id=request.id)
 
@@ -214,6 +255,17 @@ def mock_facts(path: str, context_len: int) -> ModelFacts:
         quantization=None,
         parameters=vocab * hidden + layers * 12 * hidden * hidden,
     )
+
+
+def attention_values(layer: int, count: int, *, sign: float = 1.0) -> bytes:
+    """The mock's made-up attention data: ``count`` little-endian float32
+    values, the one at flat (C-order) index ``i`` being ``sign * (layer + i /
+    count)`` rounded to float32. Queries use ``sign`` 1 and keys -1, so a
+    host can check that it reads the files in the right order and layout."""
+    values = array.array("f", (sign * (layer + i / count) for i in range(count)))
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values.tobytes()
 
 
 def _pause(seconds: float, should_abort: ShouldAbort) -> None:

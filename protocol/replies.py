@@ -322,6 +322,47 @@ class TextReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AttentionFacts:
+    """Where ``inspect`` wrote a prompt's attention queries and keys, and their shapes.
+
+    ``dir`` holds ``queries_NN.bin`` (``[num_q_heads, seq_len, head_dim]``) and
+    ``keys_NN.bin`` (``[num_kv_heads, seq_len, head_dim]``), little-endian
+    float32 in C order, for each layer ``NN`` below ``num_layers``, plus
+    ``inspect.json``.
+    """
+
+    dir: str
+    num_layers: int
+    num_kv_heads: int
+    num_q_heads: int
+    seq_len: int
+    head_dim: int
+    architecture: str
+
+    def to_wire(self) -> Wire:
+        return {
+            "dir": self.dir,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "num_q_heads": self.num_q_heads,
+            "seq_len": self.seq_len,
+            "head_dim": self.head_dim,
+            "architecture": self.architecture,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inspected:
+    """Answer to ``inspect``: go-mlx's legacy reply keys, plus ``type`` and ``id``."""
+
+    id: RequestId | None = None
+    attention: AttentionFacts
+
+    def to_wire(self) -> Wire:
+        return _envelope("inspected", self.id) | {"ok": True} | self.attention.to_wire()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Bye:
     """Answer to an addressed ``quit``, written after every other terminal line."""
 
@@ -356,6 +397,7 @@ Reply = (
     | InfoReply
     | TokensReply
     | TextReply
+    | Inspected
     | Bye
     | ErrorReply
 )

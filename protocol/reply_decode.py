@@ -25,11 +25,13 @@ from collections.abc import Callable, Mapping
 from .errors import InvalidJson, InvalidRequest, RequestId
 from .fields import Fields, JsonValue, describe
 from .replies import (
+    AttentionFacts,
     Bye,
     Done,
     ErrorReply,
     HelloReply,
     InfoReply,
+    Inspected,
     Loaded,
     MemoryStats,
     ModelFacts,
@@ -275,6 +277,19 @@ def _info(f: Fields, rid: RequestId | None) -> InfoReply:
     return InfoReply(id=rid, model=_facts(f), memory=memory)
 
 
+def _inspected(f: Fields, rid: RequestId | None) -> Inspected:
+    attention = AttentionFacts(
+        dir=f.required_str("dir"),
+        num_layers=_int(f, "num_layers"),
+        num_kv_heads=_int(f, "num_kv_heads"),
+        num_q_heads=_int(f, "num_q_heads"),
+        seq_len=_int(f, "seq_len"),
+        head_dim=_int(f, "head_dim"),
+        architecture=f.required_str("architecture"),
+    )
+    return Inspected(id=rid, attention=attention)
+
+
 def _error(f: Fields, rid: RequestId | None) -> ErrorReply:
     return ErrorReply(id=rid, code=f.required_str("code"), message=f.required_str("error"))
 
@@ -289,6 +304,7 @@ _PARSERS: dict[str, Callable[[Fields, RequestId | None], Reply]] = {
     "info": _info,
     "tokens": lambda f, rid: TokensReply(id=rid, tokens=f.int_list("tokens", required=True)),
     "text": lambda f, rid: TextReply(id=rid, text=f.required_str("text")),
+    "inspected": _inspected,
     "bye": lambda f, rid: Bye(id=rid),
     "error": _error,
 }

@@ -139,6 +139,16 @@ class Detokenize:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Inspect:
+    """Capture every layer's attention queries and keys for ``prompt`` into
+    files under ``dir`` (a new private temporary directory when None)."""
+
+    id: RequestId | None = None
+    prompt: str
+    dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel:
     """Cancel request ``id``, or everything in flight when ``id`` is absent.
 
@@ -155,7 +165,18 @@ class Quit:
 
 
 Request = (
-    Hello | Ping | Load | Unload | Generate | Chat | Info | Tokenize | Detokenize | Cancel | Quit
+    Hello
+    | Ping
+    | Load
+    | Unload
+    | Generate
+    | Chat
+    | Info
+    | Tokenize
+    | Detokenize
+    | Inspect
+    | Cancel
+    | Quit
 )
 GenerationRequest = Generate | Chat
 
@@ -328,6 +349,10 @@ def _detokenize(f: Fields, rid: RequestId | None) -> Detokenize:
     return Detokenize(id=rid, tokens=f.int_list("tokens", required=True))
 
 
+def _inspect(f: Fields, rid: RequestId | None) -> Inspect:
+    return Inspect(id=rid, prompt=f.required_str("prompt"), dir=f.str_("dir", nonempty=True))
+
+
 _PARSERS: dict[str, Callable[[Fields, RequestId | None], Request]] = {
     "hello": lambda f, rid: Hello(id=rid),
     "ping": lambda f, rid: Ping(id=rid),
@@ -338,6 +363,7 @@ _PARSERS: dict[str, Callable[[Fields, RequestId | None], Request]] = {
     "info": lambda f, rid: Info(id=rid),
     "tokenize": _tokenize,
     "detokenize": _detokenize,
+    "inspect": _inspect,
     "cancel": lambda f, rid: Cancel(id=rid),
     "quit": lambda f, rid: Quit(id=rid),
 }

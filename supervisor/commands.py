@@ -16,6 +16,7 @@ from protocol.replies import (
     Done,
     HelloReply,
     InfoReply,
+    Inspected,
     Loaded,
     Pong,
     Reply,
@@ -41,6 +42,7 @@ EXPECTED_REPLY: dict[str, type[Reply]] = {
     "info": InfoReply,
     "tokenize": TokensReply,
     "detokenize": TextReply,
+    "inspect": Inspected,
     "quit": Bye,
 }
 STREAMING = frozenset({"generate", "chat"})

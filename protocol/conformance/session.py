@@ -62,6 +62,7 @@ REPLY_TYPE: Final[Mapping[str, str]] = {
     "info": "info",
     "tokenize": "tokens",
     "detokenize": "text",
+    "inspect": "inspected",
     "quit": "bye",
 }
 """The terminal reply type of each command (besides ``error``)."""

@@ -1,14 +1,19 @@
-"""Attention capture for ``inspect``: the real tiny qwen3 model, in process.
+"""Attention capture for ``inspect``: the real tiny qwen3 model, in process
+and over the wire.
 
 The files hold what the model really computed: the keys equal what the KV
 cache keeps after a prefill, and layer 0's queries equal a recomputation
-from the layer's weights.
+from the layer's weights. Over the wire, a real ``python -m bridge`` answers
+``inspect`` in both dialects with the model's figures and writes the same
+files.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,8 @@ import mlx_lm
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from bridge.inspect_attention import InspectError, capture_attention, inspect_prompt
+from bridge.inspect_attention import DIR_PREFIX, InspectError, capture_attention, inspect_prompt
+from tests.harness import Line, WorkerProcess
 
 PROMPT = "def fibonacci(n): return n if n < 2 else fibonacci(n - 1)"
 
@@ -130,3 +136,104 @@ def test_go_mlx_instance_hooks_capture_nothing(loaded: tuple[Any, Any]) -> None:
 def test_empty_prompt_is_refused(loaded: tuple[Any, Any]) -> None:
     with pytest.raises(InspectError, match="zero tokens"):
         capture_attention(loaded[0], [], architecture="qwen3")
+
+
+# -- over the wire ------------------------------------------------------------------------
+
+
+def check_files(reply: Line) -> None:
+    """One queries and one keys file per layer, of float32 ``[heads, seq_len, head_dim]``."""
+    directory = Path(reply["dir"])
+    per_head = 4 * reply["seq_len"] * reply["head_dim"]
+    for i in range(reply["num_layers"]):
+        assert (directory / f"queries_{i:02d}.bin").stat().st_size == reply[
+            "num_q_heads"
+        ] * per_head
+        assert (directory / f"keys_{i:02d}.bin").stat().st_size == reply["num_kv_heads"] * per_head
+    layout = json.loads((directory / "inspect.json").read_text())
+    assert layout["dir"] == reply["dir"] and layout["seq_len"] == reply["seq_len"]
+
+
+def test_inspect_addressed_matches_the_config_and_the_model(
+    loaded_worker: WorkerProcess, loaded: tuple[Any, Any], tiny_model: Path, tmp_path: Path
+) -> None:
+    config = json.loads((tiny_model / "config.json").read_text())
+    target = tmp_path / "not" / "there" / "yet"
+    reply = loaded_worker.call(
+        {"cmd": "inspect", "id": "in1", "prompt": PROMPT, "dir": str(target)}
+    )
+    seq_len = len(loaded[1].encode(PROMPT))
+    assert reply == {
+        "type": "inspected",
+        "id": "in1",
+        "ok": True,
+        "dir": str(target),
+        "num_layers": config["num_hidden_layers"],
+        "num_kv_heads": config["num_key_value_heads"],
+        "num_q_heads": config["num_attention_heads"],
+        "seq_len": seq_len,
+        "head_dim": config["head_dim"],
+        "architecture": "qwen3",
+    }
+    check_files(reply)
+    # the worker's files hold what the model computes in this process
+    here = capture_attention(
+        loaded[0], loaded[1].encode(PROMPT), architecture="qwen3", directory=tmp_path / "here"
+    )
+    for name in ("queries_00.bin", "keys_01.bin"):
+        heads = here.num_q_heads if name.startswith("queries") else here.num_kv_heads
+        shape = (heads, seq_len, here.head_dim)
+        theirs, ours = read_f32(target / name, shape), read_f32(here.directory / name, shape)
+        assert mx.allclose(theirs, ours, atol=1e-5)
+
+
+def test_inspect_legacy_writes_a_new_temporary_directory(loaded_worker: WorkerProcess) -> None:
+    reply = loaded_worker.call({"cmd": "inspect", "prompt": "hello world"})
+    directory = Path(reply["dir"])
+    try:
+        assert "id" not in reply and reply["type"] == "inspected" and reply["ok"] is True
+        assert directory.parent == Path(tempfile.gettempdir())
+        assert directory.name.startswith(DIR_PREFIX)
+        tokens = loaded_worker.call({"cmd": "tokenize", "text": "hello world"})["tokens"]
+        assert reply["num_layers"] == 2 and reply["seq_len"] == len(tokens)
+        check_files(reply)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_inspect_refusals_with_a_model(loaded_worker: WorkerProcess, tmp_path: Path) -> None:
+    empty = loaded_worker.call({"cmd": "inspect", "id": "e", "prompt": ""})
+    assert empty["code"] == "invalid_request" and empty["error"] == "prompt: encodes to zero tokens"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    bad_dir = loaded_worker.call(
+        {"cmd": "inspect", "id": "d", "prompt": "x", "dir": str(blocker / "sub")}
+    )
+    assert bad_dir["code"] == "invalid_request" and bad_dir["error"].startswith("dir: ")
+    legacy = loaded_worker.call({"cmd": "inspect", "prompt": ""})
+    assert "id" not in legacy and legacy["code"] == "invalid_request"
+
+
+def test_inspect_without_a_model_and_bad_requests() -> None:
+    with WorkerProcess("bridge") as worker:
+        for request in (
+            {"cmd": "inspect", "id": 1, "prompt": "x"},
+            {"cmd": "inspect", "prompt": "x"},
+        ):
+            reply = worker.call(request)
+            assert reply["type"] == "error" and reply["code"] == "no_model"
+            assert reply.get("id") == request.get("id")
+        missing = worker.call({"cmd": "inspect", "id": "m"})
+        assert missing == {
+            "type": "error",
+            "id": "m",
+            "error": "prompt: required",
+            "code": "invalid_request",
+        }
+        assert worker.call({"cmd": "inspect"})["error"] == "prompt: required"
+        wrong = worker.call({"cmd": "inspect", "id": "w", "prompt": 5})
+        assert wrong["error"] == "prompt: must be a string, got a number"
+        empty_dir = worker.call({"cmd": "inspect", "id": "dd", "prompt": "x", "dir": ""})
+        assert empty_dir["error"] == "dir: must not be empty"
+        hello = worker.call({"cmd": "hello", "id": "h"})
+        assert "inspect" in hello["commands"]

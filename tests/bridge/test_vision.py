@@ -184,6 +184,14 @@ def test_text_only_requests_to_the_vision_model(vlm_worker: WorkerProcess) -> No
     assert vlm_worker.call({"cmd": "detokenize", "id": "d", "tokens": tokens})["text"] == "hello"
 
 
+def test_inspect_is_refused_for_a_vision_model(vlm_worker: WorkerProcess) -> None:
+    for rid in ("in", None):
+        request = {"cmd": "inspect", "prompt": "hello"} | ({"id": rid} if rid else {})
+        reply = vlm_worker.call(request)
+        assert reply.get("id") == rid and reply["code"] == "invalid_request"
+        assert reply["error"].startswith("cmd: inspect supports text models only")
+
+
 # -- cancel ---------------------------------------------------------------------------
 
 

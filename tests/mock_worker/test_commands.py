@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import struct
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +61,7 @@ def test_hello(empty: MockWorker, rid: object) -> None:
     assert hello["protocol_version"] == 1
     assert hello["versions"]["bridge"]
     assert "generate" in hello["commands"] and "cancel" in hello["commands"]
+    assert "inspect" in hello["commands"]
     assert "stop" in hello["sampling_options"]
     assert hello["limits"]["max_queue"] == 256
 
@@ -196,6 +202,76 @@ def test_detokenize_rejects_non_bytes_and_bad_utf8(loaded: MockWorker) -> None:
     assert bad["code"] == "invalid_request" and "UTF-8" in bad["error"]
 
 
+def mock_values(layer: int, count: int, sign: float) -> list[float]:
+    """The mock's data as mock_worker/README.md describes it, rounded to float32."""
+    exact = [sign * (layer + i / count) for i in range(count)]
+    return list(struct.unpack(f"<{count}f", struct.pack(f"<{count}f", *exact)))
+
+
+@pytest.mark.parametrize("rid", IDS)
+def test_inspect_writes_files_of_the_mock_shapes(
+    loaded: MockWorker, rid: object, tmp_path: Path
+) -> None:
+    prompt = "hé, world"
+    seq_len = len(prompt.encode())
+    target = tmp_path / "sub" / "dir"
+    reply = loaded.call(with_id({"cmd": "inspect", "prompt": prompt, "dir": str(target)}, rid))
+    assert reply == with_id(
+        {
+            "type": "inspected",
+            "ok": True,
+            "dir": str(target),
+            "num_layers": 2,
+            "num_kv_heads": 2,
+            "num_q_heads": 4,
+            "seq_len": seq_len,
+            "head_dim": 16,
+            "architecture": "mock",
+        },
+        rid,
+    )
+    names = sorted(p.name for p in target.iterdir())
+    assert names == sorted(
+        ["inspect.json", "keys_00.bin", "keys_01.bin", "queries_00.bin", "queries_01.bin"]
+    )
+    for layer in range(2):
+        queries = (target / f"queries_{layer:02d}.bin").read_bytes()
+        keys = (target / f"keys_{layer:02d}.bin").read_bytes()
+        assert len(queries) == 4 * 4 * seq_len * 16 and len(keys) == 4 * 2 * seq_len * 16
+        q_count, k_count = len(queries) // 4, len(keys) // 4
+        assert list(struct.unpack(f"<{q_count}f", queries)) == mock_values(layer, q_count, 1.0)
+        assert list(struct.unpack(f"<{k_count}f", keys)) == mock_values(layer, k_count, -1.0)
+    layout = json.loads((target / "inspect.json").read_text())
+    assert layout["queries_shape"] == [4, seq_len, 16] and layout["keys_shape"] == [2, seq_len, 16]
+    assert layout["architecture"] == "mock" and layout["dtype"] == "float32"
+
+
+def test_inspect_without_dir_makes_a_temporary_directory(loaded: MockWorker) -> None:
+    reply = loaded.call({"cmd": "inspect", "prompt": "ab"})
+    directory = Path(reply["dir"])
+    try:
+        assert "id" not in reply and reply["seq_len"] == 2
+        assert directory.parent == Path(tempfile.gettempdir())
+        assert directory.name.startswith("mlx-bridge-inspect-")
+        assert (directory / "keys_01.bin").stat().st_size == 4 * 2 * 2 * 16
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_inspect_refusals(loaded: MockWorker, tmp_path: Path) -> None:
+    empty = loaded.call({"cmd": "inspect", "id": 1, "prompt": ""})
+    assert empty["code"] == "invalid_request" and empty["error"] == "prompt: encodes to zero tokens"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad_dir = loaded.call({"cmd": "inspect", "id": 2, "prompt": "x", "dir": str(blocker / "d")})
+    assert bad_dir["code"] == "invalid_request" and bad_dir["error"].startswith(
+        "dir: cannot create"
+    )
+    missing = loaded.call({"cmd": "inspect", "id": 3})
+    assert missing["code"] == "invalid_request" and missing["error"] == "prompt: required"
+    assert loaded.call({"cmd": "inspect"})["error"] == "prompt: required"
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -203,6 +279,7 @@ def test_detokenize_rejects_non_bytes_and_bad_utf8(loaded: MockWorker) -> None:
         {"cmd": "chat", "messages": [{"role": "user", "content": "x"}]},
         {"cmd": "tokenize", "text": "x"},
         {"cmd": "detokenize", "tokens": [120]},
+        {"cmd": "inspect", "prompt": "x"},
         {"cmd": "info"},
     ],
 )

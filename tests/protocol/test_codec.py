@@ -60,6 +60,7 @@ FIELD_NAMES = sorted(
         "text",
         "add_special_tokens",
         "tokens",
+        "dir",
         "mock",
     }
 )
@@ -348,6 +349,7 @@ def test_every_command_keeps_its_id(cmd: str, rid: str | int) -> None:
         "chat": {"messages": [{"role": "user"}]},
         "tokenize": {"text": ""},
         "detokenize": {"tokens": []},
+        "inspect": {"prompt": ""},
     }
     base = bases.get(cmd, {})
     request = decode_request(_line({"cmd": cmd, "id": rid, **base}))

@@ -24,11 +24,13 @@ from protocol.codec import PROTOCOL_VERSION, decode_request, encode
 from protocol.errors import ERROR_CODES, InvalidRequest, RequestId, WireError
 from protocol.replies import (
     FINISH_REASONS,
+    AttentionFacts,
     Bye,
     Done,
     ErrorReply,
     HelloReply,
     InfoReply,
+    Inspected,
     Loaded,
     MemoryStats,
     ModelFacts,
@@ -226,6 +228,15 @@ FACTS_MINIMAL = ModelFacts(
     parameters=205184,
     vision=True,
 )
+ATTENTION = AttentionFacts(
+    dir="/tmp/mlx-bridge-inspect-abc",
+    num_layers=28,
+    num_kv_heads=8,
+    num_q_heads=16,
+    seq_len=7,
+    head_dim=128,
+    architecture="qwen3",
+)
 MEMORY = MemoryStats(active_bytes=820744, peak_bytes=1068916, cache_bytes=284, rss_bytes=98205696)
 
 ReplyFactory = Callable[[RequestId | None], list[Reply]]
@@ -312,6 +323,7 @@ REPLY_FACTORIES: dict[type[Any], ReplyFactory] = {
         TokensReply(id=rid, tokens=()),
     ],
     TextReply: lambda rid: [TextReply(id=rid, text="<|im_start|>hi"), TextReply(id=rid, text="")],
+    Inspected: lambda rid: [Inspected(id=rid, attention=ATTENTION)],
     Bye: lambda rid: [Bye(id=rid)],
     ErrorReply: _errors,
 }
@@ -356,6 +368,7 @@ BASES: dict[str, dict[str, Any]] = {
     "chat": {"cmd": "chat", "messages": [{"role": "user", "content": "hi"}]},
     "tokenize": {"cmd": "tokenize", "text": "hi"},
     "detokenize": {"cmd": "detokenize", "tokens": [1]},
+    "inspect": {"cmd": "inspect", "prompt": "hi"},
 }
 PROBED_FIELDS: list[tuple[str, str]] = [
     *(("generate", f) for f in SAMPLING_OPTIONS),
@@ -372,6 +385,8 @@ PROBED_FIELDS: list[tuple[str, str]] = [
     ("tokenize", "text"),
     ("tokenize", "add_special_tokens"),
     ("detokenize", "tokens"),
+    ("inspect", "prompt"),
+    ("inspect", "dir"),
     ("hello", "id"),
 ]
 EXTRA_PROBES: dict[str, list[object]] = {

@@ -9,11 +9,13 @@ import pytest
 from protocol.codec import encode
 from protocol.errors import InvalidJson, InvalidRequest, WireError
 from protocol.replies import (
+    AttentionFacts,
     Bye,
     Done,
     ErrorReply,
     HelloReply,
     InfoReply,
+    Inspected,
     Loaded,
     MemoryStats,
     ModelFacts,
@@ -130,6 +132,18 @@ EVERY_REPLY: list[Reply] = [
     ),
     TokensReply(id=6, tokens=(1, 2, 3)),
     TextReply(id=7, text="hé"),
+    Inspected(
+        id="i",
+        attention=AttentionFacts(
+            dir="/tmp/x",
+            num_layers=2,
+            num_kv_heads=2,
+            num_q_heads=4,
+            seq_len=5,
+            head_dim=16,
+            architecture="qwen3",
+        ),
+    ),
     Bye(id=8),
     ErrorReply(id=9, code="no_model", message="load first"),
 ]

@@ -53,6 +53,8 @@ INVALID_FIELDS: Final[tuple[tuple[dict[str, object], str], ...]] = (
     ({"cmd": "load", "path": "/x", "context_len": 0}, "context_len: "),
     ({"cmd": "tokenize"}, "text: "),
     ({"cmd": "detokenize", "tokens": [1, "a"]}, "tokens[1]: "),
+    ({"cmd": "inspect"}, "prompt: "),
+    ({"cmd": "inspect", "prompt": "x", "dir": ""}, "dir: "),
 )
 """Requests with a missing or wrong field: invalid_request, the field's path first."""
 

@@ -7,6 +7,7 @@ answer cuts the second one there), never with recorded token ids.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 from ..matching import ABSENT, Check, StartsWith
@@ -210,6 +211,70 @@ def tokenize_detokenize(s: Session) -> str:
     return f"{text!r} -> {len(ids['tokens'])} tokens -> back; id {vocab:,} refused"
 
 
+INSPECT_SHAPES: Final = (
+    ("num_layers", "layers"),
+    ("num_q_heads", "num_attention_heads"),
+    ("num_kv_heads", "num_key_value_heads"),
+    ("head_dim", "head_dim"),
+    ("architecture", "model_type"),
+)
+"""``inspected`` figures and the model facts they must equal."""
+
+
+def _check_inspect_files(reply: Line, directory: Path) -> None:
+    """One ``queries_NN.bin`` and ``keys_NN.bin`` per layer, of float32 shapes
+    ``[heads, seq_len, head_dim]``, and ``inspect.json``."""
+    per_head = 4 * reply["seq_len"] * reply["head_dim"]
+    expected: dict[str, int | None] = {"inspect.json": None}
+    for layer in range(reply["num_layers"]):
+        expected[f"queries_{layer:02d}.bin"] = reply["num_q_heads"] * per_head
+        expected[f"keys_{layer:02d}.bin"] = reply["num_kv_heads"] * per_head
+    for name, size in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise fail(f"inspect reported dir {str(directory)!r}, but it has no {name}")
+        if size is not None and path.stat().st_size != size:
+            raise fail(f"{name} is {path.stat().st_size} bytes, expected {size} (float32)")
+
+
+def inspect(s: Session) -> str:
+    facts = _facts(s)
+    directory = s.scratch / "inspect" / "nested"
+    rid = s.fresh_id("inspect")
+    reply = s.call({"cmd": "inspect", "id": rid, "prompt": PROMPT, "dir": str(directory)})
+    if facts["vision"]:
+        s.expect(reply, {"type": "error", "id": rid, "code": "invalid_request"}, "inspect")
+        raise CaseSkipped("the model has vision support: inspect is refused")
+    pattern = {"type": "inspected", "id": rid, "ok": True, "dir": str(directory)}
+    s.expect(reply, pattern, f"inspect into {directory}")
+    for key, fact in INSPECT_SHAPES:
+        if reply[key] != facts[fact]:
+            raise fail(f"inspect's {key} is {reply[key]!r}, but loaded's {fact} is {facts[fact]!r}")
+    tokens = s.call({"cmd": "tokenize", "id": s.fresh_id("tok"), "text": PROMPT})["tokens"]
+    if reply["seq_len"] != len(tokens):
+        raise fail(
+            f"inspect's seq_len is {reply['seq_len']}, but the prompt is {len(tokens)} tokens"
+        )
+    _check_inspect_files(reply, directory)
+    again = s.scratch / "inspect-legacy"
+    legacy = s.legacy_call({"cmd": "inspect", "prompt": "x y", "dir": str(again)})
+    s.expect(legacy, {"type": "inspected", "id": ABSENT, "ok": True}, "legacy inspect")
+    _check_inspect_files(legacy, Path(legacy["dir"]))
+    rid = s.fresh_id("inspect")
+    empty = s.call({"cmd": "inspect", "id": rid, "prompt": ""})
+    pattern = {
+        "type": "error",
+        "id": rid,
+        "code": "invalid_request",
+        "error": StartsWith("prompt: "),
+    }
+    s.expect(empty, pattern, "inspect of an empty prompt")
+    return (
+        f"{reply['num_layers']} layers, {reply['num_q_heads']}/{reply['num_kv_heads']} q/kv heads,"
+        f" {reply['seq_len']} tokens, head_dim {reply['head_dim']}; both dialects"
+    )
+
+
 def info(s: Session) -> str:
     facts = _facts(s)
     rid = s.fresh_id("info")
@@ -323,7 +388,11 @@ def unload(s: Session) -> str:
     rid = s.fresh_id("unload")
     reply = s.call({"cmd": "unload", "id": rid})
     s.expect(reply, {"type": "unloaded", "id": rid, "ok": True, "was_loaded": True}, "unload")
-    for request in ({"cmd": "generate", "prompt": "x"}, {"cmd": "info"}):
+    for request in (
+        {"cmd": "generate", "prompt": "x"},
+        {"cmd": "info"},
+        {"cmd": "inspect", "prompt": "x"},
+    ):
         rid = s.fresh_id("after-unload")
         error = s.call({**request, "id": rid})
         s.expect(
@@ -352,6 +421,7 @@ GROUP = Group(
         Case(name="sampling options accepted, seeded", run=sampling_options),
         Case(name="logprobs", run=logprobs),
         Case(name="tokenize / detokenize", run=tokenize_detokenize),
+        Case(name="inspect: attention files of the model's shapes", run=inspect),
         Case(name="info matches loaded", run=info),
         Case(name="image part to a text model", run=vision_refused),
         Case(name="concurrent requests routed by id", run=routing_by_id),
