@@ -26,6 +26,14 @@ from .jobs import Job
 
 log = logging.getLogger("bridge.scheduler")
 
+# The engine thread imports MLX before its first job, so that the first load
+# does not pay for it. Importing mlx.core holds the GIL for its whole
+# initialisation (0.3-0.5 s with the CUDA build), which would delay the
+# answer to the host's first line, usually ``hello``. So the import waits
+# until the first line has been answered, or until the host has been silent
+# this long.
+WARM_UP_IDLE_S = 0.5
+
 
 def info_reply(engine: Engine, request: Info) -> InfoReply:
     facts = engine.facts()
@@ -44,11 +52,16 @@ class SerialScheduler:
         self._by_id: dict[RequestId, Job] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="bridge-engine", daemon=True)
+        self._warm_go = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+
+    def release_warm_up(self) -> None:
+        """Let the engine thread import MLX now (see ``WARM_UP_IDLE_S``)."""
+        self._warm_go.set()
 
     def shutdown(self, timeout: float) -> bool:
         """Cancel everything, stop the thread; True if it ended within ``timeout``.
@@ -59,6 +72,7 @@ class SerialScheduler:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        self._warm_go.set()
         self.cancel(None, reason="worker shutting down")
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -129,8 +143,10 @@ class SerialScheduler:
             return self._running
 
     def _run(self) -> None:
+        self._warm_go.wait(WARM_UP_IDLE_S)
         try:
-            self._engine.warm_up()
+            if not self._closing:
+                self._engine.warm_up()
         except Exception:
             log.exception("engine warm-up failed")
         try:

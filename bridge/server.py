@@ -119,6 +119,7 @@ def serve(
     try:
         for line in read_lines(stdin, options.max_line_bytes):
             quit_request = router.dispatch(line)
+            scheduler.release_warm_up()
             if quit_request is not None or writer.broken:
                 break
         if on_quit is not None and not writer.broken:
