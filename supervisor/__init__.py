@@ -7,7 +7,15 @@ asked to, and close it in escalating steps. See ``supervisor.errors`` for
 what can go wrong.
 """
 
-from protocol.replies import HelloReply, InfoReply, Loaded, MemoryStats, ModelFacts, TopLogprob
+from protocol.replies import (
+    AttentionFacts,
+    HelloReply,
+    InfoReply,
+    Loaded,
+    MemoryStats,
+    ModelFacts,
+    TopLogprob,
+)
 
 from .async_stream import AsyncStream
 from .async_worker import AsyncWorker
@@ -27,6 +35,7 @@ from .stream import Stream
 from .worker import Worker
 
 __all__ = [
+    "AttentionFacts",
     "USE_DEFAULT",
     "AsyncStream",
     "AsyncWorker",

@@ -22,8 +22,10 @@ from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
 from protocol.errors import RequestId
 from protocol.fields import JsonValue
 from protocol.replies import (
+    AttentionFacts,
     HelloReply,
     InfoReply,
+    Inspected,
     Loaded,
     ModelFacts,
     Pong,
@@ -539,6 +541,19 @@ class AsyncWorker:
         fields = commands.detokenize_fields(tokens)
         reply = await self._sup.call("detokenize", fields, self.settings.timeout(timeout))
         return expect(reply, TextReply).text
+
+    async def inspect(
+        self,
+        prompt: str,
+        *,
+        directory: str | os.PathLike[str] | None = None,
+        timeout: Timeout = USE_DEFAULT,
+    ) -> AttentionFacts:
+        """Write each layer's attention queries and keys for ``prompt`` into
+        ``directory`` (a new temporary one when None); see docs/protocol.md."""
+        fields = commands.inspect_fields(prompt, directory)
+        reply = await self._sup.call("inspect", fields, self.settings.timeout(timeout))
+        return expect(reply, Inspected).attention
 
     async def ping(self, *, timeout: Timeout = USE_DEFAULT) -> float:
         started = time.perf_counter()

@@ -7,6 +7,7 @@ Options left as ``None`` are not sent, so the worker's defaults apply.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TypedDict, cast
 
@@ -148,3 +149,10 @@ def tokenize_fields(text: str, *, add_special_tokens: bool = True) -> Fields:
 
 def detokenize_fields(tokens: Sequence[int]) -> Fields:
     return {"tokens": list(tokens)}
+
+
+def inspect_fields(prompt: str, directory: str | os.PathLike[str] | None) -> Fields:
+    fields: Fields = {"prompt": prompt}
+    if directory is not None:
+        fields["dir"] = os.fspath(directory)
+    return fields

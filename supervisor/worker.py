@@ -23,8 +23,10 @@ from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
 from protocol.errors import RequestId
 from protocol.fields import JsonValue
 from protocol.replies import (
+    AttentionFacts,
     HelloReply,
     InfoReply,
+    Inspected,
     Loaded,
     ModelFacts,
     Pong,
@@ -546,6 +548,19 @@ class Worker:
         fields = commands.detokenize_fields(tokens)
         reply = self._sup.call("detokenize", fields, self.settings.timeout(timeout))
         return expect(reply, TextReply).text
+
+    def inspect(
+        self,
+        prompt: str,
+        *,
+        directory: str | os.PathLike[str] | None = None,
+        timeout: Timeout = USE_DEFAULT,
+    ) -> AttentionFacts:
+        """Write each layer's attention queries and keys for ``prompt`` into
+        ``directory`` (a new temporary one when None); see docs/protocol.md."""
+        fields = commands.inspect_fields(prompt, directory)
+        reply = self._sup.call("inspect", fields, self.settings.timeout(timeout))
+        return expect(reply, Inspected).attention
 
     def ping(self, *, timeout: Timeout = USE_DEFAULT) -> float:
         """Round trip to the worker, in seconds."""

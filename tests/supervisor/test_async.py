@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 25))
 
 
-def test_session_and_every_command() -> None:
+def test_session_and_every_command(tmp_path: Path) -> None:
     async def main() -> None:
         async with async_mock_worker() as w:
             assert w.hello.protocol_version == 1
@@ -45,6 +46,8 @@ def test_session_and_every_command() -> None:
             assert (await w.info()).model.path == "mock-model"
             assert await w.tokenize("ab") == (97, 98)
             assert await w.detokenize([97, 98]) == "ab"
+            attention = await w.inspect("ab", directory=tmp_path)
+            assert attention.seq_len == 2 and attention.dir == str(tmp_path)
             assert (await w.stats()).rss_bytes > 0
             assert await w.unload() is True
             loaded = await w.load("other")
@@ -54,6 +57,7 @@ def test_session_and_every_command() -> None:
             await w.ping()
 
     run(main)
+    assert (tmp_path / "queries_00.bin").stat().st_size == 4 * 4 * 2 * 16
 
 
 def test_eight_tasks_stream_concurrently_over_one_worker() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_session_from_the_issue() -> None:
         assert result.timings.ttft_ms is not None and result.timings.generation_tps > 0
 
 
-def test_every_command() -> None:
+def test_every_command(tmp_path: Path) -> None:
     with mock_worker(model=None) as w:
         assert w.hello.protocol_version == 1 and w.hello.pid == w.pid
         assert "generate" in w.hello.commands
@@ -39,6 +40,10 @@ def test_every_command() -> None:
         assert info.model.path == "m" and info.memory.rss_bytes > 0
         assert w.tokenize("hé") == tuple("hé".encode())
         assert w.detokenize(list("hé".encode())) == "hé"
+        attention = w.inspect("abc", directory=tmp_path / "attn")
+        assert (attention.num_layers, attention.seq_len) == (2, 3)
+        assert Path(attention.dir) == tmp_path / "attn"
+        assert (tmp_path / "attn" / "keys_01.bin").stat().st_size == 4 * 2 * 3 * 16
         stats = w.stats()
         assert stats.pid == w.pid and stats.rss_bytes > 0 and stats.mlx is not None
         assert w.unload() is True
