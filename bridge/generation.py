@@ -12,15 +12,20 @@ out of the answer. Engines without one (the scripted engine) report neither.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from protocol.codec import TokenLines
+from protocol.errors import RequestId
 from protocol.replies import Done, TokenEvent, ToolCall
 from protocol.requests import Chat, Generate
 
 from .engine import Engine, Step
 from .jobs import Job
 from .stops import StopFilter
+
+Emit = Callable[[Step, str], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,34 +54,28 @@ def run_generation(engine: Engine, job: Job) -> None:
     tokens = 0
     last: Step | None = None
     first_token_at: float | None = None
+    cancelled = job.cancel_check
+    filtering = stops.active
+    reports = prepared if isinstance(prepared, Reports) else None
+    answer: list[str] | None = [] if reports is not None else None
+    emit = _emitter(job, request.id, answer)
 
-    answer: list[str] = []
-
-    def emit(ready: list[tuple[Step, str]]) -> None:
-        for step, text in ready:
-            answer.append(text)
-            job.emit(
-                TokenEvent(
-                    id=request.id,
-                    token=text,
-                    token_id=step.token_id,
-                    logprob=step.logprob,
-                    top_logprobs=step.top_logprobs,
-                )
-            )
-
-    steps = engine.generate(prepared, lambda: job.cancelled)
+    steps = engine.generate(prepared, cancelled)
     try:
         for step in steps:
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             last = step
-            if job.cancelled:
+            if cancelled():
                 break
             if not step.is_eos:
                 tokens += 1
             if not step.is_eos or step.text:
-                emit(stops.push(step, step.text))
+                if filtering:
+                    for held, text in stops.push(step, step.text):
+                        emit(held, text)
+                else:
+                    emit(step, step.text)
             if stops.stopped:
                 finish_reason = "stop_sequence"
                 break
@@ -86,8 +85,9 @@ def run_generation(engine: Engine, job: Job) -> None:
     finally:
         steps.close()
     if not stops.stopped:
-        emit(stops.flush())
-    outcome = prepared.outcome("".join(answer)) if isinstance(prepared, Reports) else Outcome()
+        for held, text in stops.flush():
+            emit(held, text)
+    outcome = reports.outcome("".join(answer or ())) if reports is not None else Outcome()
     job.finish(
         Done(
             id=request.id,
@@ -106,3 +106,29 @@ def run_generation(engine: Engine, job: Job) -> None:
             content=outcome.content,
         )
     )
+
+
+def _emitter(job: Job, request_id: RequestId | None, answer: list[str] | None) -> Emit:
+    """Writes one token of the answer (and keeps its text when ``answer`` is
+    a list). The hot path: a token without logprobs, on a job with a line
+    writer, is encoded straight to bytes, without a ``TokenEvent``."""
+    lines = TokenLines(request_id) if job.write is not None else None
+    emit_line = job.emit_line
+
+    def emit(step: Step, text: str) -> None:
+        if answer is not None:
+            answer.append(text)
+        if lines is not None and step.logprob is None and step.top_logprobs is None:
+            emit_line(lines(text, step.token_id))
+        else:
+            job.emit(
+                TokenEvent(
+                    id=request_id,
+                    token=text,
+                    token_id=step.token_id,
+                    logprob=step.logprob,
+                    top_logprobs=step.top_logprobs,
+                )
+            )
+
+    return emit

@@ -3,6 +3,10 @@
 A ``Job`` is shared by the stdin thread (which may cancel it) and the engine
 thread (which runs it). ``finish`` is idempotent: the first terminal line
 wins, later ones are dropped, and ``emit`` after the end writes nothing.
+
+``write``, when given, is the same output as ``send`` for lines that are
+already encoded: the token fast path (:func:`bridge.generation.run_generation`
+encodes plain token lines with :class:`protocol.codec.TokenLines`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, T
 
 QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Inspect | Info
 Send = Callable[[Reply], None]
+Write = Callable[[bytes], None]
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
 class Job:
     request: QueuedRequest
     send: Send
+    write: Write | None = None
     received_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     # Runs just before the terminal line is written, so that the id is free
@@ -45,6 +51,11 @@ class Job:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def cancel_check(self) -> Callable[[], bool]:
+        """``cancelled`` as a function: one call per check in a hot loop."""
+        return self._cancel.is_set
+
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -52,6 +63,13 @@ class Job:
         with self._lock:
             if not self._finished:
                 self.send(event)
+
+    def emit_line(self, line: bytes) -> None:
+        """``emit`` of an encoded token line; only when ``write`` is set."""
+        assert self.write is not None
+        with self._lock:
+            if not self._finished:
+                self.write(line)
 
     def finish(self, reply: Reply) -> bool:
         """Write the terminal line; False if one was already written."""

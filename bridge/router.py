@@ -85,7 +85,9 @@ class Router:
                     | Info()
                 ):
                     # info waits its turn only behind a load/unload that changes the model
-                    self._scheduler.submit(Job(request=request, send=self._writer.send))
+                    self._scheduler.submit(
+                        Job(request=request, send=self._writer.send, write=self._writer.write)
+                    )
         except WireError as exc:
             log.debug("rejected line: %s", exc)
             self._writer.send(ErrorReply.of(exc))

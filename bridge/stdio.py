@@ -51,13 +51,21 @@ class LineWriter:
         self.write(encode(reply))
 
     def write(self, line: bytes) -> None:
+        """Write ``line`` now, with one ``os.write`` unless the pipe is full.
+
+        Lines are not held back to be coalesced: the engine thread is the
+        only writer of tokens, so no line ever waits behind another, and a
+        token must reach the host as soon as it exists.
+        """
         with self._lock:
             if self._broken:
                 return
-            view = memoryview(line)
             try:
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                written = os.write(self._fd, line)
+                if written < len(line):
+                    view = memoryview(line)[written:]
+                    while view:
+                        view = view[os.write(self._fd, view) :]
             except OSError as exc:
                 self._broken = True
                 log.warning("protocol output closed (%s); shutting down", exc.strerror)

@@ -23,6 +23,11 @@ class StopFilter(Generic[T]):
         self._pending_text = ""
         self.stopped = False
 
+    @property
+    def active(self) -> bool:
+        """False when there are no stop strings: ``push`` passes every token through."""
+        return bool(self._stops)
+
     def push(self, item: T, text: str) -> list[tuple[T, str]]:
         if self.stopped:
             return []

@@ -3,13 +3,15 @@
 Framing: one UTF-8 JSON object per ``\\n``-terminated line. ``decode_request``
 turns a line (without or with its newline) into a typed request or raises a
 :class:`~protocol.errors.WireError`; ``encode`` turns a reply into one line.
+``TokenLines`` is the streaming fast path: the same bytes as ``encode`` of a
+plain :class:`~protocol.replies.TokenEvent`, without building one per token.
 """
 
 from __future__ import annotations
 
 import orjson
 
-from .errors import InvalidJson, WireError
+from .errors import InvalidJson, RequestId, WireError
 from .fields import JsonValue
 from .replies import Reply
 from .requests import Request, parse_request, parse_request_id
@@ -72,3 +74,32 @@ def _scrub_key(key: str) -> str:
 
 def encode(reply: Reply) -> bytes:
     return encode_wire(reply.to_wire())
+
+
+class TokenLines:
+    """Encodes the plain token lines (no logprobs) of one request.
+
+    ``lines(text, token_id)`` returns exactly ``encode(TokenEvent(id=...,
+    token=text, token_id=token_id))``, at a fraction of the cost: one dict
+    is kept and refilled for every token, so an instance belongs to one
+    thread (the engine thread streaming that request).
+    """
+
+    __slots__ = ("_wire",)
+
+    def __init__(self, request_id: RequestId | None) -> None:
+        wire: dict[str, JsonValue] = {"type": "token"}
+        if request_id is not None:
+            wire["id"] = request_id
+        wire["token"] = ""
+        wire["token_id"] = 0
+        self._wire = wire
+
+    def __call__(self, text: str, token_id: int) -> bytes:
+        wire = self._wire
+        wire["token"] = text
+        wire["token_id"] = token_id
+        try:
+            return orjson.dumps(wire, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:  # a lone surrogate in the text
+            return encode_wire(dict(wire))
