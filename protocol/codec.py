@@ -9,6 +9,8 @@ plain :class:`~protocol.replies.TokenEvent`, without building one per token.
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from .errors import InvalidJson, RequestId, WireError
@@ -57,10 +59,14 @@ def encode_wire(obj: dict[str, JsonValue]) -> bytes:
         return orjson.dumps(_scrub(obj), option=orjson.OPT_APPEND_NEWLINE)
 
 
+# Python strings hold surrogates only unpaired (a pair is one code point).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _scrub(value: JsonValue) -> JsonValue:
     """Replace lone surrogates, which UTF-8 cannot carry, with U+FFFD."""
     if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
+        return _LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     if isinstance(value, dict):
@@ -69,7 +75,7 @@ def _scrub(value: JsonValue) -> JsonValue:
 
 
 def _scrub_key(key: str) -> str:
-    return key.encode("utf-8", "replace").decode("utf-8")
+    return _LONE_SURROGATE.sub("\ufffd", key)
 
 
 def encode(reply: Reply) -> bytes:

@@ -214,6 +214,7 @@ def test_encoder_survives_lone_surrogates() -> None:
     line = encode(ErrorReply(id="s", code="internal", message="bad \ud800 text"))
     obj = orjson.loads(line)
     assert obj["code"] == "internal" and obj["id"] == "s"
+    assert obj["error"] == "bad \ufffd text"
 
 
 def test_encoder_writes_non_finite_floats_as_null() -> None:
