@@ -39,22 +39,27 @@ class ServeOptions:
     max_queue: int = 256
     preload: str | None = None
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
+    # Reported only when installed: their absence tells the host something.
+    optional_versions: tuple[str, ...] = ("mlx-vlm",)
 
 
-def package_versions(names: tuple[str, ...]) -> dict[str, str]:
-    out = {"bridge": _version("mlx-bridge")}
+def package_versions(names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str]:
+    out = {"bridge": _version("mlx-bridge") or "unknown"}
     for name in names:
-        out[name] = _version(name)
+        out[name] = _version(name) or "unknown"
+    for name in optional:
+        if (version := _version(name)) is not None:
+            out[name] = version
     return out
 
 
-def _version(dist: str) -> str:
+def _version(dist: str) -> str | None:
     from importlib import metadata  # about 20 ms: not before the first hello
 
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
-        return "unknown"
+        return None
 
 
 def serve(
@@ -92,7 +97,7 @@ def serve(
 
     def hello(request_id: RequestId | None) -> HelloReply:
         if not versions:
-            versions.update(package_versions(options.versions))
+            versions.update(package_versions(options.versions, options.optional_versions))
         facts = engine.facts()
         return HelloReply(
             id=request_id,

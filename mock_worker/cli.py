@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_queue=args.max_queue,
         preload=args.model,
         versions=(),
+        optional_versions=(),
     )
     on_quit = None
     if args.quit_silently:

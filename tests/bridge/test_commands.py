@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ def test_hello_and_ping_in_both_dialects(loaded_worker: WorkerProcess) -> None:
     assert hello["type"] == "hello" and hello["id"] == 1
     assert hello["protocol_version"] == 1
     assert set(hello["versions"]) >= {"bridge", "mlx", "mlx-lm"}
+    vlm_installed = importlib.util.find_spec("mlx_vlm") is not None
+    assert ("mlx-vlm" in hello["versions"]) == vlm_installed
     assert "generate" in hello["commands"] and "cancel" in hello["commands"]
     assert hello["limits"]["max_line_bytes"] == 64 * 1024 * 1024
     assert hello["model"] is not None
