@@ -50,9 +50,10 @@ tokenizer (so the model's vocabulary grows to 2112, with spare ids):
 The marker tokens' embedding rows are shrunk like the specials', so random
 output never contains them. The default template's files are unchanged.
 
-A build goes into a temporary sibling directory that is renamed into place, so
-an interrupted or concurrent build never leaves a half-written model behind
-(a killed build may leave a hidden ``.NAME.building-*`` sibling to delete).
+A build goes into a temporary sibling directory that is renamed into place
+(:mod:`bridge.demo_files`), so an interrupted or concurrent build never leaves
+a half-written model behind (a killed build may leave a hidden
+``.NAME.building-*`` sibling to delete).
 ``ensure`` builds only when the stamp is missing or stale. ``build`` refuses
 to replace a directory that has no stamp.
 
@@ -64,32 +65,32 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import errno
-import json
+import functools
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final
 
-if TYPE_CHECKING:
-    import mlx.core as mx
-    from mlx.nn import Module
-    from tokenizers import Tokenizer
+from . import demo_files
+from .demo_files import STAMP_NAME
+from .demo_tokenizer import (
+    CHATML_SPECIALS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    quiet_token_ids,
+    token_id,
+    tokenizer_config,
+    train_tokenizer,
+)
+from .demo_weights import padded_vocab_size, write_weights
 
 __all__ = ["BUILDER_VERSION", "STAMP_NAME", "TEMPLATES", "build", "ensure", "main"]
 
 BUILDER_VERSION: Final = 1
 """Bump whenever the output changes, so that ``ensure`` rebuilds old fixtures."""
 
-STAMP_NAME: Final = ".mlx_bridge_fixture"
-
-EOS_TOKEN: Final = "<|im_end|>"
-PAD_TOKEN: Final = "<|endoftext|>"
-SPECIAL_TOKENS: Final = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS: Final = CHATML_SPECIALS
 
 TOKENIZER_VOCAB_SIZE: Final = 2048
 MAX_POSITIONS: Final = 4096
@@ -127,12 +128,6 @@ _CORPUS_MODULES: Final = (
     "types.py",
     "warnings.py",
 )
-_CORPUS_CHARS_PER_FILE: Final = 16_000
-
-_EMBED_STD: Final = 1.0
-_OUT_PROJ_GAIN: Final = 16.0
-_FINAL_NORM_GAIN: Final = 3.0
-_QUIET_ROW_SCALE: Final = 0.01
 
 _CHAT_TEMPLATE: Final = (
     "{%- for message in messages -%}"
@@ -277,34 +272,30 @@ def ensure(
     Current means its stamp names this ``BUILDER_VERSION``, ``seed`` and ``template``.
     """
     target = pathlib.Path(out_dir).absolute()
-    if _is_current(target, seed, template):
+    if demo_files.is_current(target, _stamp(seed, template)):
         return target
     return _build(target, seed=seed, template=template, keep_current=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: build (or reuse) the model and write its path to stdout."""
-    parser = argparse.ArgumentParser(
+
+    def add_template(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--template",
+            choices=TEMPLATES,
+            default=DEFAULT_TEMPLATE,
+            help=f"chat template family ({DEFAULT_TEMPLATE}; the others render tool calls)",
+        )
+
+    return demo_files.command_line(
+        argv,
         prog="python -m bridge.demo_model",
         description="Build a tiny offline random-weight qwen3 model for mlx-lm.",
+        build=build,
+        ensure=ensure,
+        add_options=add_template,
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed (0)")
-    parser.add_argument(
-        "--template",
-        choices=TEMPLATES,
-        default=DEFAULT_TEMPLATE,
-        help=f"chat template family ({DEFAULT_TEMPLATE}; the others render tool calls)",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if the stamp is current")
-    args = parser.parse_args(argv)
-    builder = build if args.force else ensure
-    try:
-        path = builder(args.out_dir, seed=args.seed, template=args.template)
-    except FileExistsError as exc:
-        parser.exit(1, f"{parser.prog}: error: {exc}\n")
-    sys.stdout.write(f"{path}\n")
-    return 0
 
 
 def _stamp(seed: int, template: str) -> dict[str, int | str]:
@@ -314,74 +305,26 @@ def _stamp(seed: int, template: str) -> dict[str, int | str]:
     return stamp
 
 
-def _is_current(target: pathlib.Path, seed: int, template: str) -> bool:
-    try:
-        stamp = json.loads((target / STAMP_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(stamp == _stamp(seed, template))
-
-
 def _build(target: pathlib.Path, *, seed: int, template: str, keep_current: bool) -> pathlib.Path:
     if template not in TEMPLATES:
         raise ValueError(f"template: must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    target = target.absolute()
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private
-        _write_model(staging, seed, template)
-        _install(staging, target, seed=seed, template=template, keep_current=keep_current)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _install(
-    staging: pathlib.Path, target: pathlib.Path, *, seed: int, template: str, keep_current: bool
-) -> None:
-    """Rename ``staging`` to ``target``, moving an earlier fixture out of the way.
-
-    ``target`` is never half-written: it is absent, the old fixture, or the new
-    one. Another process may install its own build between our steps; then we
-    retry, or with ``keep_current`` accept its result.
-    """
-    for _ in range(10):
-        try:
-            staging.rename(target)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                raise
-        if keep_current and _is_current(target, seed, template):
-            return
-        _check_replaceable(target)
-        retired = target.with_name(f".{target.name}.retired-{uuid.uuid4().hex}")
-        try:
-            target.rename(retired)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(retired, ignore_errors=True)
-    raise RuntimeError(f"could not install the demo model at {target}")
-
-
-def _check_replaceable(target: pathlib.Path) -> None:
-    """Raise ``FileExistsError`` unless ``target`` is absent, empty or stamped."""
-    if not target.exists() or (target / STAMP_NAME).is_file():
-        return
-    if target.is_dir() and not any(target.iterdir()):
-        return
-    raise FileExistsError(
-        errno.EEXIST, "not a demo-model directory; refusing to replace", str(target)
+    return demo_files.build(
+        target,
+        stamp=_stamp(seed, template),
+        write=functools.partial(_write_model, seed=seed, template=template),
+        keep_current=keep_current,
+        what="demo model",
     )
 
 
-def _write_model(path: pathlib.Path, seed: int, template: str) -> None:
-    import mlx.core as mx
+def _write_model(path: pathlib.Path, *, seed: int, template: str) -> None:
     from mlx_lm.models import qwen3
 
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        corpus_modules=_CORPUS_MODULES,
+    )
     markers = _TOOL_MARKERS[template]
     if markers:
         from tokenizers import AddedToken
@@ -391,67 +334,28 @@ def _write_model(path: pathlib.Path, seed: int, template: str) -> None:
         )
     tokenizer_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     config = _model_config(
-        vocab_size=-(-tokenizer_vocab // 64) * 64,
+        vocab_size=padded_vocab_size(tokenizer_vocab),
         eos_token_ids=[
-            _token_id(tokenizer, EOS_TOKEN),
-            _token_id(tokenizer, PAD_TOKEN),
+            token_id(tokenizer, EOS_TOKEN),
+            token_id(tokenizer, PAD_TOKEN),
         ],
     )
 
-    # The CPU stream keeps the random draws identical on machines with a GPU.
-    with mx.stream(mx.cpu):
-        args = qwen3.ModelArgs.from_dict(config)
-        model = qwen3.Model(args)
-        shapes = {name: tuple(a.shape) for name, a in _parameters(model).items()}
-        weights = _init_weights(
-            shapes,
-            seed=seed,
-            quiet_rows=[
-                *_quiet_token_ids(tokenizer, (*SPECIAL_TOKENS, *(t for t, _ in markers))),
-                *range(tokenizer_vocab, config["vocab_size"]),
-            ],
-        )
-        model.load_weights(list(weights.items()), strict=True)
-        flat = _parameters(model)
-        mx.eval(flat)
-    mx.save_safetensors(str(path / "model.safetensors"), flat, metadata={"format": "mlx"})
-
-    _write_json(path / "config.json", config)
+    write_weights(
+        path,
+        lambda: qwen3.Model(qwen3.ModelArgs.from_dict(config)),
+        seed=seed,
+        quiet_rows=[
+            *quiet_token_ids(tokenizer, (*SPECIAL_TOKENS, *(t for t, _ in markers))),
+            *range(tokenizer_vocab, config["vocab_size"]),
+        ],
+    )
+    demo_files.write_json(path / "config.json", config)
     tokenizer.save(str(path / "tokenizer.json"))
-    _write_json(path / "tokenizer_config.json", _tokenizer_config(template))
-    _write_json(path / STAMP_NAME, _stamp(seed, template))
-
-
-def _parameters(model: Module) -> dict[str, mx.array]:
-    from mlx.utils import tree_flatten
-
-    return dict(cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
-
-
-def _init_weights(
-    shapes: dict[str, tuple[int, ...]], *, seed: int, quiet_rows: Sequence[int]
-) -> dict[str, mx.array]:
-    """Seeded weights, one PRNG key per parameter name (in sorted order)."""
-    import mlx.core as mx
-
-    names = sorted(shapes)
-    keys = mx.random.split(mx.random.key(seed), len(names))
-    weights: dict[str, mx.array] = {}
-    for index, name in enumerate(names):
-        shape = shapes[name]
-        if name.endswith("norm.weight"):
-            gain = _FINAL_NORM_GAIN if name == "model.norm.weight" else 1.0
-            weights[name] = mx.full(shape, gain, dtype=mx.float32)
-            continue
-        noise = mx.random.normal(shape, dtype=mx.float32, key=keys[index])
-        if name == "model.embed_tokens.weight":
-            row_scale = mx.ones((shape[0], 1), dtype=mx.float32)
-            row_scale[mx.array(list(quiet_rows))] = _QUIET_ROW_SCALE
-            weights[name] = noise * _EMBED_STD * row_scale
-        else:
-            gain = _OUT_PROJ_GAIN if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-            weights[name] = noise * (gain / shape[-1] ** 0.5)
-    return weights
+    demo_files.write_json(
+        path / "tokenizer_config.json",
+        tokenizer_config(chat_template=_CHAT_TEMPLATES[template], model_max_length=MAX_POSITIONS),
+    )
 
 
 def _model_config(*, vocab_size: int, eos_token_ids: list[int]) -> dict[str, Any]:
@@ -475,76 +379,6 @@ def _model_config(*, vocab_size: int, eos_token_ids: list[int]) -> dict[str, Any
         "bos_token_id": None,
         "eos_token_id": eos_token_ids,
     }
-
-
-def _tokenizer_config(template: str = DEFAULT_TEMPLATE) -> dict[str, Any]:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": EOS_TOKEN,
-        "pad_token": PAD_TOKEN,
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": MAX_POSITIONS,
-        "chat_template": _CHAT_TEMPLATES[template],
-    }
-
-
-def _train_tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.trainers import BpeTrainer
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    return tokenizer
-
-
-def _corpus() -> list[str]:
-    stdlib = pathlib.Path(os.__file__).parent
-    texts = []
-    for name in _CORPUS_MODULES:
-        try:
-            text = (stdlib / name).read_text(encoding="utf-8", errors="ignore")
-        except OSError:
-            continue
-        texts.append(text[:_CORPUS_CHARS_PER_FILE])
-    return texts
-
-
-def _quiet_token_ids(tokenizer: Tokenizer, specials: Sequence[str] = SPECIAL_TOKENS) -> list[int]:
-    """Ids of the specials and of tokens that are not printable ASCII on their own.
-
-    Greedy decoding then streams clean ASCII text: no EOS, no lone UTF-8 bytes.
-    """
-    quiet = []
-    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
-        printable = text.isascii() and all(c.isprintable() or c in "\t\n" for c in text)
-        if not text or not printable or text in specials:
-            quiet.append(token_id)
-    return quiet
-
-
-def _token_id(tokenizer: Tokenizer, token: str) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise RuntimeError(f"tokenizer lacks {token!r}")
-    return token_id
-
-
-def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ before MLX has finished importing.
 
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
 from protocol.fields import JsonValue
-from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import (
     Chat,
     ChatMessage,
@@ -25,7 +23,6 @@ from protocol.requests import (
     GenerationRequest,
     Inspect,
     Load,
-    Sampling,
     TextPart,
     Tokenize,
 )
@@ -34,7 +31,9 @@ from .engine import Prepared, ShouldAbort, Step
 from .generation import Outcome
 from .inspect_attention import InspectError, inspect_prompt, requested_directory, wire_error
 from .mlx_facts import model_facts
+from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
+from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 
@@ -138,10 +137,7 @@ class MlxLmEngine:
         if self._loaded is None:
             return False
         self._loaded = None
-        gc.collect()
-        import mlx.core as mx
-
-        mx.clear_cache()
+        free_cache()
         return True
 
     def prepare(self, request: GenerationRequest) -> Prepared:
@@ -168,7 +164,7 @@ class MlxLmEngine:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
         return MlxPrepared(
             tokens=tuple(tokens),
-            sampling=_fit_vocab(request, loaded.facts.vocab_size),
+            sampling=fit_vocab(request, loaded.facts.vocab_size),
             cache_key=request.cache_key,
             tool_format=tool_format,
             tools=tools,
@@ -183,17 +179,9 @@ class MlxLmEngine:
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         s = prepared.sampling
-        if s.seed is not None:
-            mx.random.seed(s.seed)
-        sampler = make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
-        processors = make_logits_processors(
-            logit_bias=dict(s.logit_bias) or None,
-            repetition_penalty=s.repetition_penalty,
-            repetition_context_size=s.repetition_context_size,
-        )
+        sampler, processors = make_sampling(s)
 
         def progress(done: int, total: int) -> None:
             if should_abort():
@@ -231,7 +219,7 @@ class MlxLmEngine:
         try:
             for r in responses:
                 fed.append(r.token)
-                logprob, top = _logprobs(r.logprobs, r.token, s.logprobs, tokenizer)
+                logprob, top = step_logprobs(r.logprobs, r.token, s.logprobs, tokenizer)
                 yield Step(
                     text=r.text,
                     token_id=r.token,
@@ -267,13 +255,7 @@ class MlxLmEngine:
 
     def detokenize(self, request: Detokenize) -> str:
         loaded = self._require(request)
-        vocab = loaded.facts.vocab_size
-        for i, token in enumerate(request.tokens):
-            if token >= vocab:
-                raise InvalidRequest(
-                    f"tokens[{i}]: {token} is outside the vocabulary (size {vocab})",
-                    request_id=request.id,
-                )
+        check_token_ids(request, loaded.facts.vocab_size)
         return str(loaded.tokenizer.decode(list(request.tokens)))
 
     def inspect(self, request: Inspect) -> AttentionFacts:
@@ -293,9 +275,7 @@ class MlxLmEngine:
     def close(self) -> None:
         self._caches.clear()
         self._loaded = None
-        mx = sys.modules.get("mlx.core")
-        if mx is not None:
-            mx.clear_streams()
+        clear_streams()
 
     # -- any thread ---------------------------------------------------------------------
 
@@ -304,22 +284,7 @@ class MlxLmEngine:
         return loaded.facts if loaded else None
 
     def memory(self) -> MemoryStats:
-        import psutil
-
-        rss = int(psutil.Process().memory_info().rss)
-        cached = self._caches.stats
-        mx = sys.modules.get("mlx.core")
-        if mx is None:
-            return MemoryStats(
-                active_bytes=0, peak_bytes=0, cache_bytes=0, rss_bytes=rss, prompt_cache=cached
-            )
-        return MemoryStats(
-            active_bytes=int(mx.get_active_memory()),
-            peak_bytes=int(mx.get_peak_memory()),
-            cache_bytes=int(mx.get_cache_memory()),
-            rss_bytes=rss,
-            prompt_cache=cached,
-        )
+        return memory_stats(prompt_cache=self._caches.stats)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -329,12 +294,8 @@ class MlxLmEngine:
         return self._loaded
 
     def _available_memory(self) -> int:
-        if self._memory_budget is not None:
-            return self._memory_budget
-        import psutil
-
         freed = self._loaded.weights_bytes if self._loaded else 0
-        return int(psutil.virtual_memory().available) + freed
+        return available_memory(self._memory_budget, freed=freed)
 
     def _chat_tokens(self, tokenizer: TokenizerWrapper, request: Chat) -> list[int]:
         messages = [_template_message(m, i, request) for i, m in enumerate(request.messages)]
@@ -353,19 +314,6 @@ class MlxLmEngine:
         log.warning("model has no chat template; joining messages as 'role: content' lines")
         text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages) + "assistant: "
         return list(tokenizer.encode(text))
-
-
-def _fit_vocab(request: GenerationRequest, vocab: int) -> Sampling:
-    """Check token ids against the model's vocabulary (MLX does not: an id out
-    of range corrupts memory); a ``top_k`` past the vocabulary means no top-k."""
-    s = request.sampling
-    for token, _ in s.logit_bias:
-        if token >= vocab:
-            raise InvalidRequest(
-                f"logit_bias[{str(token)!r}]: token id is outside the vocabulary (size {vocab})",
-                request_id=request.id,
-            )
-    return replace(s, top_k=0) if s.top_k >= vocab else s
 
 
 def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[str, Any]:
@@ -397,22 +345,3 @@ def _with_history(processor: Any, history: Any) -> Any:
         return processor(mx.concatenate([history, tokens]), logits)
 
     return call
-
-
-def _logprobs(
-    logprobs: Any, token: int, top_n: int, tokenizer: TokenizerWrapper
-) -> tuple[float | None, tuple[TopLogprob, ...] | None]:
-    if top_n <= 0:
-        return None, None
-    import mlx.core as mx
-
-    order = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
-    values = logprobs[order]
-    ids: list[int] = order.tolist()  # type: ignore[assignment]
-    lps: list[float] = values.tolist()
-    ranked = sorted(zip(ids, lps, strict=True), key=lambda p: -p[1])
-    top = tuple(
-        TopLogprob(token_id=int(t), token=str(tokenizer.decode([int(t)])), logprob=float(v))
-        for t, v in ranked
-    )
-    return float(logprobs[token].item()), top

@@ -25,9 +25,7 @@ mlx, mlx-vlm and Pillow are imported lazily, on the engine thread.
 
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.errors import BadImage, InvalidRequest, LoadFailed, NoModel
 from protocol.fields import JsonValue
-from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob, VisionDetails
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, VisionDetails
 from protocol.requests import (
     Chat,
     ChatMessage,
@@ -45,7 +43,6 @@ from protocol.requests import (
     ImagePart,
     Inspect,
     Load,
-    Sampling,
     TextPart,
     Tokenize,
 )
@@ -53,6 +50,8 @@ from protocol.requests import (
 from .engine import Prepared, ShouldAbort, Step
 from .images import ImagePolicy, image_parts, load_images
 from .mlx_facts import model_facts
+from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
+from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 
 if TYPE_CHECKING:
@@ -161,10 +160,7 @@ class MlxVlmEngine:
         if self._loaded is None:
             return False
         self._loaded = None
-        gc.collect()
-        import mlx.core as mx
-
-        mx.clear_cache()
+        free_cache()
         return True
 
     def prepare(self, request: GenerationRequest) -> Prepared:
@@ -177,7 +173,9 @@ class MlxVlmEngine:
                 tokens = list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
                 if not tokens:
                     raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
-                return Prepared(tokens=tuple(tokens), sampling=_fit_vocab(request, loaded))
+                return Prepared(
+                    tokens=tuple(tokens), sampling=fit_vocab(request, loaded.facts.vocab_size)
+                )
             case Chat():
                 return self._prepare_chat(loaded, request)
 
@@ -188,20 +186,12 @@ class MlxVlmEngine:
         if loaded is None:
             raise NoModel("no model loaded")
         import mlx.core as mx
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
         from mlx_vlm.generate import generate_step
         from mlx_vlm.generate.common import generation_stream, wired_limit
         from mlx_vlm.models import cache
 
         s = prepared.sampling
-        if s.seed is not None:
-            mx.random.seed(s.seed)
-        sampler = make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
-        processors = make_logits_processors(
-            logit_bias=dict(s.logit_bias) or None,
-            repetition_penalty=s.repetition_penalty,
-            repetition_context_size=s.repetition_context_size,
-        )
+        sampler, processors = make_sampling(s)
         if isinstance(prepared, VisionPrepared):
             pixel_values, mask, extra = prepared.pixel_values, prepared.mask, dict(prepared.extra)
         else:
@@ -250,7 +240,7 @@ class MlxVlmEngine:
                         detokenizer.add_token(token)
                     if last:
                         detokenizer.finalize()
-                    logprob, top = _logprobs(logprobs, token, s.logprobs, tokenizer)
+                    logprob, top = step_logprobs(logprobs, token, s.logprobs, tokenizer)
                     yield Step(
                         text=detokenizer.last_segment,
                         token_id=token,
@@ -276,13 +266,7 @@ class MlxVlmEngine:
 
     def detokenize(self, request: Detokenize) -> str:
         loaded = self._require(request)
-        vocab = loaded.facts.vocab_size
-        for i, token in enumerate(request.tokens):
-            if token >= vocab:
-                raise InvalidRequest(
-                    f"tokens[{i}]: {token} is outside the vocabulary (size {vocab})",
-                    request_id=request.id,
-                )
+        check_token_ids(request, loaded.facts.vocab_size)
         return str(_tokenizer(loaded.processor).decode(list(request.tokens)))
 
     def inspect(self, request: Inspect) -> AttentionFacts:
@@ -296,9 +280,7 @@ class MlxVlmEngine:
 
     def close(self) -> None:
         self._loaded = None
-        mx = sys.modules.get("mlx.core")
-        if mx is not None:
-            mx.clear_streams()
+        clear_streams()
 
     # -- any thread ---------------------------------------------------------------------
 
@@ -307,18 +289,7 @@ class MlxVlmEngine:
         return loaded.facts if loaded else None
 
     def memory(self) -> MemoryStats:
-        import psutil
-
-        rss = int(psutil.Process().memory_info().rss)
-        mx = sys.modules.get("mlx.core")
-        if mx is None:
-            return MemoryStats(active_bytes=0, peak_bytes=0, cache_bytes=0, rss_bytes=rss)
-        return MemoryStats(
-            active_bytes=int(mx.get_active_memory()),
-            peak_bytes=int(mx.get_peak_memory()),
-            cache_bytes=int(mx.get_cache_memory()),
-            rss_bytes=rss,
-        )
+        return memory_stats()
 
     @property
     def weights_bytes(self) -> int:
@@ -334,11 +305,7 @@ class MlxVlmEngine:
         return self._loaded
 
     def _available_memory(self) -> int:
-        if self._memory_budget is not None:
-            return self._memory_budget
-        import psutil
-
-        return int(psutil.virtual_memory().available) + self.weights_bytes
+        return available_memory(self._memory_budget, freed=self.weights_bytes)
 
     def _vision_details(self, model: Any, processor: Any) -> VisionDetails:
         config = model.config
@@ -418,7 +385,7 @@ class MlxVlmEngine:
         }
         return VisionPrepared(
             tokens=tuple(tokens),
-            sampling=_fit_vocab(request, loaded),
+            sampling=fit_vocab(request, loaded.facts.vocab_size),
             pixel_values=inputs.get("pixel_values") if images else None,
             mask=inputs.get("attention_mask"),
             extra=extra,
@@ -478,35 +445,3 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
-
-
-def _fit_vocab(request: GenerationRequest, loaded: _Loaded) -> Sampling:
-    """As in the mlx-lm engine: token ids in ``logit_bias`` must be in the
-    vocabulary; a ``top_k`` past the vocabulary means no top-k."""
-    s = request.sampling
-    vocab = loaded.facts.vocab_size
-    for token, _ in s.logit_bias:
-        if token >= vocab:
-            raise InvalidRequest(
-                f"logit_bias[{str(token)!r}]: token id is outside the vocabulary (size {vocab})",
-                request_id=request.id,
-            )
-    return replace(s, top_k=0) if s.top_k >= vocab else s
-
-
-def _logprobs(
-    logprobs: Any, token: int, top_n: int, tokenizer: Any
-) -> tuple[float | None, tuple[TopLogprob, ...] | None]:
-    if top_n <= 0:
-        return None, None
-    import mlx.core as mx
-
-    order = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
-    ids: list[int] = order.tolist()  # type: ignore[assignment]
-    lps: list[float] = logprobs[order].tolist()
-    ranked = sorted(zip(ids, lps, strict=True), key=lambda p: -p[1])
-    top = tuple(
-        TopLogprob(token_id=int(t), token=str(tokenizer.decode([int(t)])), logprob=float(v))
-        for t, v in ranked
-    )
-    return float(logprobs[token].item()), top
