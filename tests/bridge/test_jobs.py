@@ -93,7 +93,7 @@ def test_each_token_is_written_before_the_next_step_is_asked_for() -> None:
 def test_stop_strings_hold_back_until_it_is_safe() -> None:
     out, _ = run(generate(id=1, stop=["zzz"]), STEPS, fast=True)
     texts = [orjson.loads(line).get("token") for line in out[:-1]]
-    written = "".join(s.text for s in STEPS).encode("utf-8", "replace").decode()
+    written = "".join(s.text for s in STEPS).replace("\ud800", "\ufffd")
     assert "".join(texts) == written
     assert orjson.loads(out[-1])["finish_reason"] == "length"
 
