@@ -12,7 +12,8 @@ Two independent checks run on each decoded line:
 
 Where the schema comes from: ``--schema PATH``, else the repository's
 ``docs/protocol.schema.json`` next to this package (an editable install or a
-checkout), else none. ``jsonschema`` is a development dependency of this
+checkout), else the copy installed with the package,
+``protocol/protocol.schema.json``. ``jsonschema`` is a development dependency of this
 project and is imported lazily: without it the kit says so and runs the
 decoder checks only. An explicit ``--schema`` without ``jsonschema`` is an
 error.
@@ -32,9 +33,12 @@ from ..reply_decode import parse_reply
 
 __all__ = ["DEFAULT_SCHEMA", "KitError", "ReplyChecker", "load_checker"]
 
-DEFAULT_SCHEMA: Final = (
-    pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocol.schema.json"
-)
+_PACKAGE: Final = pathlib.Path(__file__).resolve().parents[1]
+# The spec's schema in a checkout; an installed package carries a copy
+# (``protocol/protocol.schema.json``, kept identical by tests/protocol/test_schema.py).
+CHECKOUT_SCHEMA: Final = _PACKAGE.parent / "docs" / "protocol.schema.json"
+PACKAGED_SCHEMA: Final = _PACKAGE / "protocol.schema.json"
+DEFAULT_SCHEMA: Final = CHECKOUT_SCHEMA if CHECKOUT_SCHEMA.is_file() else PACKAGED_SCHEMA
 _MAX_INLINE_DEPTH: Final = 16
 _KNOWN_GOOD_MAX: Final = 8192
 

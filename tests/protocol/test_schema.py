@@ -88,6 +88,15 @@ def _defs() -> dict[str, Any]:
 # -- the schema itself --------------------------------------------------------------
 
 
+def test_the_packaged_schema_is_the_spec_schema() -> None:
+    """``protocol/protocol.schema.json`` ships in the wheel for the conformance
+    kit; it must be a byte-for-byte copy of the spec's schema."""
+    packaged = SCHEMA_PATH.parents[1] / "protocol" / "protocol.schema.json"
+    assert packaged.read_bytes() == SCHEMA_PATH.read_bytes(), (
+        "cp docs/protocol.schema.json protocol/protocol.schema.json"
+    )
+
+
 def test_schema_is_valid_draft_2020_12() -> None:
     assert schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(schema())
