@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 
 from .server import ServeOptions, serve
-from .vlm_options import add_vision_options, routing_engine
 
 DESCRIPTION = """\
 mlx-bridge worker: serves MLX language models over stdin/stdout, one JSON
@@ -103,6 +102,10 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Here, not at the top: mock_worker imports this module for its parser, and
+    # the vision options pull in the image and routing code it never uses.
+    from .vlm_options import add_vision_options, routing_engine
+
     p = parser()
     add_engine_options(p)
     add_vision_options(p)
