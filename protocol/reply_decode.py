@@ -20,7 +20,7 @@ ignored, so replies from newer workers still decode.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from .errors import InvalidJson, InvalidRequest, RequestId
 from .fields import Fields, JsonValue, describe
@@ -46,24 +46,16 @@ from .replies import (
     Unloaded,
     VisionDetails,
 )
+from .requests import parse_request_id
 
-__all__ = ["REPLY_TYPES", "parse_reply", "parse_reply_id"]
-
-
-def parse_reply_id(raw: Mapping[str, object]) -> RequestId | None:
-    value = raw.get("id")
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise InvalidRequest(f"id: must be a string or an integer, got {describe(value)}")
+__all__ = ["REPLY_TYPES", "parse_reply"]
 
 
 def parse_reply(obj: object) -> Reply:
     """Decode one JSON value (already parsed) into a reply dataclass."""
     if not isinstance(obj, dict):
         raise InvalidJson(f"a reply must be a JSON object, got {describe(obj)}")
-    rid = parse_reply_id(obj)
+    rid = parse_request_id(obj)  # the same rule as for requests
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise InvalidRequest(
