@@ -45,6 +45,8 @@ from typing import Any
 from protocol.errors import InvalidRequest, RequestId
 from protocol.replies import AttentionFacts
 
+from .prompt_tokens import encode_prompt
+
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 DIR_PREFIX = "mlx-bridge-inspect-"
 
@@ -270,7 +272,5 @@ def inspect_prompt(
 ) -> AttentionCapture:
     """Tokenize ``prompt`` as ``generate`` does (BOS added unless the prompt
     starts with it) and capture its attention queries and keys."""
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = bos is None or not prompt.startswith(bos)
-    tokens = list(tokenizer.encode(prompt, add_special_tokens=add_special))
+    tokens = encode_prompt(tokenizer, prompt)
     return capture_attention(model, tokens, architecture=architecture, directory=directory)

@@ -35,6 +35,7 @@ from .mlx_memory import available_memory, clear_streams, free_cache, memory_stat
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
 from .model_files import check_fits, resolve_model_dir, weights_bytes
+from .prompt_tokens import encode_prompt
 from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 
 if TYPE_CHECKING:
@@ -147,9 +148,7 @@ class MlxLmEngine:
         tools = None
         match request:
             case Generate():
-                bos = tokenizer.bos_token
-                add_special = bos is None or not request.prompt.startswith(bos)
-                tokens = tokenizer.encode(request.prompt, add_special_tokens=add_special)
+                tokens = encode_prompt(tokenizer, request.prompt)
             case Chat():
                 tokens = self._chat_tokens(tokenizer, request)
                 tools = request.tools or None

@@ -53,6 +53,7 @@ from .mlx_facts import model_facts
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
 from .model_files import check_fits, resolve_model_dir, weights_bytes
+from .prompt_tokens import encode_prompt
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -167,10 +168,7 @@ class MlxVlmEngine:
         loaded = self._require(request)
         match request:
             case Generate():
-                tokenizer = _tokenizer(loaded.processor)
-                bos = getattr(tokenizer, "bos_token", None)
-                add_special = bos is None or not request.prompt.startswith(bos)
-                tokens = list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+                tokens = encode_prompt(_tokenizer(loaded.processor), request.prompt)
                 if not tokens:
                     raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
                 return Prepared(
