@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
+from protocol.codec import DEFAULT_MAX_LINE_BYTES
 from protocol.errors import RequestId
 from protocol.fields import JsonValue
 from protocol.replies import (
@@ -45,7 +45,18 @@ from .errors import (
     WorkerClosed,
     WorkerTimeout,
 )
-from .lifecycle import QuitSink, State, expect, fixed_error, gave_up_error, memory_error
+from .lifecycle import (
+    QuitSink,
+    State,
+    accept_hello,
+    cancel_ignored,
+    expect,
+    fixed_error,
+    hello_timeout_error,
+    memory_error,
+    restart_refusal,
+    timed_out_error,
+)
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
 from .settings import USE_DEFAULT, Settings, Timeout, command_of, optional_path
@@ -105,24 +116,8 @@ class AsyncSupervision:
         child.send(line)
         if not await sink.wait(timeout):
             child.kill(f"no hello within {timeout:g} s")
-            tail = child.stderr.tail.rstrip()[-1000:]
-            raise WorkerTimeout(
-                f"worker {child.pid} did not answer hello within {timeout:g} s"
-                + (f"; stderr tail:\n{tail}" if tail else ""),
-                timeout=timeout,
-                request_id=rid,
-            )
-        hello = expect(sink.value(), HelloReply)
-        if hello.protocol_version != PROTOCOL_VERSION:
-            log.warning(
-                "worker %d speaks protocol %d; this supervisor speaks %d",
-                child.pid,
-                hello.protocol_version,
-                PROTOCOL_VERSION,
-            )
-        limit = hello.limits.get("max_line_bytes")
-        child.core.worker_max_line_bytes = limit if isinstance(limit, int) else None
-        return hello
+            raise hello_timeout_error(child.pid, child.stderr.tail, timeout, rid)
+        return accept_hello(child.pid, child.core, sink.value())
 
     # -- requests ----------------------------------------------------------------------
 
@@ -169,19 +164,9 @@ class AsyncSupervision:
     async def cancel(self, child: AsyncChild, rid: RequestId, sink: AsyncStream) -> None:
         if not child.core.is_open(rid):
             return
-        child.send(child.core.cancel_line(rid))
-        grace = self.settings.cancel_grace
-        if await sink.wait(grace):
-            return
-        error = WorkerTimeout(
-            f"request {rid} did not end within {grace:g} s of its cancel; "
-            "the worker was taken for hung and killed",
-            timeout=grace,
-            request_id=rid,
-        )
-        child.core.fail(rid, error)
-        child.kill(f"request {rid} did not end within {grace:g} s of its cancel")
-        raise error
+        error = await self._cancel_or_kill(child, rid, sink, None)
+        if error is not None:
+            raise error
 
     def cancel_nowait(self, child: AsyncChild, rid: RequestId) -> None:
         if child.core.is_open(rid):
@@ -194,18 +179,24 @@ class AsyncSupervision:
         sink: AsyncReplySink | AsyncStream,
         timeout: float,
     ) -> WorkerTimeout:
-        what = f"request {rid}: nothing from the worker within {timeout:g} s"
+        error = await self._cancel_or_kill(child, rid, sink, timeout)
+        return error or timed_out_error(rid, timeout)
+
+    async def _cancel_or_kill(
+        self,
+        child: AsyncChild,
+        rid: RequestId,
+        sink: AsyncReplySink | AsyncStream,
+        timeout: float | None,
+    ) -> WorkerTimeout | None:
+        """See :meth:`supervisor.worker.Supervision._cancel_or_kill`."""
         child.send(child.core.cancel_line(rid))
         grace = self.settings.cancel_grace
         if await sink.wait(grace):
-            return WorkerTimeout(f"{what}; it was cancelled", timeout=timeout, request_id=rid)
-        error = WorkerTimeout(
-            f"{what}, nor within {grace:g} s of its cancel; the worker was killed",
-            timeout=timeout,
-            request_id=rid,
-        )
+            return None
+        error, reason = cancel_ignored(rid, grace, timeout)
         child.core.fail(rid, error)
-        child.kill(f"request {rid} timed out and ignored its cancel")
+        child.kill(reason)
         return error
 
     # -- crashes and restarts ------------------------------------------------------------
@@ -222,15 +213,10 @@ class AsyncSupervision:
         self._restart_task = asyncio.create_task(self._restart(child), name="supervisor-restart")
 
     def _may_restart(self, make_error: ErrorFactory) -> bool:
-        if self._guard is None:
-            self._die(make_error)
-            return False
-        if self._guard.allow(time.monotonic()):
+        refusal = restart_refusal(self._guard, make_error)
+        if refusal is None:
             return True
-        log.error("worker: %s", self._guard.give_up_message())
-        gave_up = gave_up_error(self._guard, make_error)
-
-        self._die(gave_up)
+        self._die(refusal)
         return False
 
     def _die(self, make_error: ErrorFactory) -> None:

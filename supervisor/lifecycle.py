@@ -11,17 +11,34 @@ Both run the same state machine; only their waiting differs::
 from __future__ import annotations
 
 import enum
+import logging
+import time
 from typing import TypeVar
 
+from protocol.codec import PROTOCOL_VERSION
 from protocol.errors import RequestId
-from protocol.replies import Reply
+from protocol.replies import HelloReply, Reply
 
-from .core import ErrorFactory
-from .errors import MemoryLimitExceeded, SupervisorError, WorkerCrashed
+from .core import ErrorFactory, WorkerCore
+from .errors import MemoryLimitExceeded, SupervisorError, WorkerCrashed, WorkerTimeout
 from .restart import RestartGuard
 from .results import Token
 
-__all__ = ["QuitSink", "State", "expect", "fixed_error", "gave_up_error", "memory_error"]
+__all__ = [
+    "QuitSink",
+    "State",
+    "accept_hello",
+    "cancel_ignored",
+    "expect",
+    "fixed_error",
+    "gave_up_error",
+    "hello_timeout_error",
+    "memory_error",
+    "restart_refusal",
+    "timed_out_error",
+]
+
+log = logging.getLogger("supervisor")
 
 R = TypeVar("R", bound=Reply)
 
@@ -83,3 +100,74 @@ def memory_error(pid: int, rss: int, limit: int) -> tuple[str, ErrorFactory]:
         return MemoryLimitExceeded(message, rss_bytes=rss, limit_bytes=limit, request_id=rid)
 
     return message, make
+
+
+def restart_refusal(guard: RestartGuard | None, make_error: ErrorFactory) -> ErrorFactory | None:
+    """None if the worker may be restarted (the restart is counted), else what
+    requests raise from now on: no policy, or the storm guard has given up."""
+    if guard is None:
+        return make_error
+    if guard.allow(time.monotonic()):
+        return None
+    log.error("worker: %s", guard.give_up_message())
+    return gave_up_error(guard, make_error)
+
+
+def hello_timeout_error(
+    pid: int, stderr_tail: str, timeout: float, rid: RequestId
+) -> WorkerTimeout:
+    tail = stderr_tail.rstrip()[-1000:]
+    return WorkerTimeout(
+        f"worker {pid} did not answer hello within {timeout:g} s"
+        + (f"; stderr tail:\n{tail}" if tail else ""),
+        timeout=timeout,
+        request_id=rid,
+    )
+
+
+def accept_hello(pid: int, core: WorkerCore, reply: Reply) -> HelloReply:
+    """Take the worker's ``hello``: warn on another protocol version, and
+    adopt its request-line limit."""
+    hello = expect(reply, HelloReply)
+    if hello.protocol_version != PROTOCOL_VERSION:
+        log.warning(
+            "worker %d speaks protocol %d; this supervisor speaks %d",
+            pid,
+            hello.protocol_version,
+            PROTOCOL_VERSION,
+        )
+    limit = hello.limits.get("max_line_bytes")
+    core.worker_max_line_bytes = limit if isinstance(limit, int) else None
+    return hello
+
+
+def timed_out_error(rid: RequestId, timeout: float) -> WorkerTimeout:
+    """A request's ``timeout`` passed; it was cancelled, and ended."""
+    return WorkerTimeout(
+        f"request {rid}: nothing from the worker within {timeout:g} s; it was cancelled",
+        timeout=timeout,
+        request_id=rid,
+    )
+
+
+def cancel_ignored(
+    rid: RequestId, grace: float, timeout: float | None
+) -> tuple[WorkerTimeout, str]:
+    """A request cancelled by the host (``timeout`` None) or after its
+    ``timeout`` passed did not end within ``grace``: the error it ends with,
+    and the reason the worker is killed."""
+    if timeout is None:
+        error = WorkerTimeout(
+            f"request {rid} did not end within {grace:g} s of its cancel; "
+            "the worker was taken for hung and killed",
+            timeout=grace,
+            request_id=rid,
+        )
+        return error, f"request {rid} did not end within {grace:g} s of its cancel"
+    error = WorkerTimeout(
+        f"request {rid}: nothing from the worker within {timeout:g} s, "
+        f"nor within {grace:g} s of its cancel; the worker was killed",
+        timeout=timeout,
+        request_id=rid,
+    )
+    return error, f"request {rid} timed out and ignored its cancel"

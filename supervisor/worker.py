@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
+from protocol.codec import DEFAULT_MAX_LINE_BYTES
 from protocol.errors import RequestId
 from protocol.fields import JsonValue
 from protocol.replies import (
@@ -44,7 +44,18 @@ from .errors import (
     WorkerClosed,
     WorkerTimeout,
 )
-from .lifecycle import QuitSink, State, expect, fixed_error, gave_up_error, memory_error
+from .lifecycle import (
+    QuitSink,
+    State,
+    accept_hello,
+    cancel_ignored,
+    expect,
+    fixed_error,
+    hello_timeout_error,
+    memory_error,
+    restart_refusal,
+    timed_out_error,
+)
 from .process import SyncChild
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
@@ -113,24 +124,8 @@ class Supervision:
         child.send(line)
         if not sink.wait(timeout):
             child.kill(f"no hello within {timeout:g} s")
-            tail = child.stderr.tail.rstrip()[-1000:]
-            raise WorkerTimeout(
-                f"worker {child.pid} did not answer hello within {timeout:g} s"
-                + (f"; stderr tail:\n{tail}" if tail else ""),
-                timeout=timeout,
-                request_id=rid,
-            )
-        hello = expect(sink.value(), HelloReply)
-        if hello.protocol_version != PROTOCOL_VERSION:
-            log.warning(
-                "worker %d speaks protocol %d; this supervisor speaks %d",
-                child.pid,
-                hello.protocol_version,
-                PROTOCOL_VERSION,
-            )
-        limit = hello.limits.get("max_line_bytes")
-        child.core.worker_max_line_bytes = limit if isinstance(limit, int) else None
-        return hello
+            raise hello_timeout_error(child.pid, child.stderr.tail, timeout, rid)
+        return accept_hello(child.pid, child.core, sink.value())
 
     # -- requests ----------------------------------------------------------------------
 
@@ -181,37 +176,34 @@ class Supervision:
     def cancel(self, child: SyncChild, rid: RequestId, sink: Stream) -> None:
         if not child.core.is_open(rid):
             return
-        child.send(child.core.cancel_line(rid))
-        grace = self.settings.cancel_grace
-        if sink.wait(grace):
-            return
-        error = WorkerTimeout(
-            f"request {rid} did not end within {grace:g} s of its cancel; "
-            "the worker was taken for hung and killed",
-            timeout=grace,
-            request_id=rid,
-        )
-        child.core.fail(rid, error)
-        child.kill(f"request {rid} did not end within {grace:g} s of its cancel")
-        raise error
+        error = self._cancel_or_kill(child, rid, sink, None)
+        if error is not None:
+            raise error
 
     def expire(
         self, child: SyncChild, rid: RequestId, sink: ReplySink | Stream, timeout: float
     ) -> WorkerTimeout:
         """A request's timeout passed: cancel it, and kill a worker that does
         not even end it then. Returns the error to raise."""
-        what = f"request {rid}: nothing from the worker within {timeout:g} s"
+        return self._cancel_or_kill(child, rid, sink, timeout) or timed_out_error(rid, timeout)
+
+    def _cancel_or_kill(
+        self,
+        child: SyncChild,
+        rid: RequestId,
+        sink: ReplySink | Stream,
+        timeout: float | None,
+    ) -> WorkerTimeout | None:
+        """Cancel ``rid`` and wait ``cancel_grace`` for its end. If it does not
+        come, end the request with a ``WorkerTimeout``, kill the worker, and
+        return that error; None if the request ended."""
         child.send(child.core.cancel_line(rid))
         grace = self.settings.cancel_grace
         if sink.wait(grace):
-            return WorkerTimeout(f"{what}; it was cancelled", timeout=timeout, request_id=rid)
-        error = WorkerTimeout(
-            f"{what}, nor within {grace:g} s of its cancel; the worker was killed",
-            timeout=timeout,
-            request_id=rid,
-        )
+            return None
+        error, reason = cancel_ignored(rid, grace, timeout)
         child.core.fail(rid, error)
-        child.kill(f"request {rid} timed out and ignored its cancel")
+        child.kill(reason)
         return error
 
     # -- crashes and restarts ------------------------------------------------------------
@@ -233,20 +225,17 @@ class Supervision:
 
     def _may_restart(self, make_error: ErrorFactory) -> bool:
         """Lock held. False (and DEAD) if there is no policy or the guard says no."""
-        if self._guard is None:
-            self._state = State.DEAD
-            self._failure = make_error
-            self._cond.notify_all()
-            return False
-        if self._guard.allow(time.monotonic()):
+        refusal = restart_refusal(self._guard, make_error)
+        if refusal is None:
             return True
-        log.error("worker: %s", self._guard.give_up_message())
-        gave_up = gave_up_error(self._guard, make_error)
-
-        self._state = State.DEAD
-        self._failure = gave_up
-        self._cond.notify_all()
+        self._die(refusal)
         return False
+
+    def _die(self, make_error: ErrorFactory) -> None:
+        """Lock held."""
+        self._state = State.DEAD
+        self._failure = make_error
+        self._cond.notify_all()
 
     def _restart(self) -> None:
         """Spawn, handshake and reload until it works or the guard gives up."""
@@ -257,9 +246,7 @@ class Supervision:
                 try:
                     child = self._launch()
                 except SupervisorError as exc:
-                    self._state = State.DEAD
-                    self._failure = fixed_error(exc)
-                    self._cond.notify_all()
+                    self._die(fixed_error(exc))
                     return
             try:
                 hello = self._handshake(child)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from protocol.codec import encode
-from protocol.errors import InvalidJson, InvalidRequest, WireError
+from protocol.errors import InvalidJson, InvalidRequest, RequestId, WireError
 from protocol.replies import (
     AttentionFacts,
     Bye,
@@ -32,8 +32,9 @@ from protocol.replies import (
 )
 from protocol.reply_decode import parse_reply
 from supervisor.core import WorkerCore
-from supervisor.errors import ProtocolError, RequestError, SupervisorError
+from supervisor.errors import ProtocolError, RequestError, SupervisorError, WorkerCrashed
 from supervisor.framing import LineSplitter, OverlongLine
+from supervisor.lifecycle import restart_refusal
 from supervisor.restart import RestartGuard, RestartPolicy
 from supervisor.results import Token
 
@@ -351,6 +352,21 @@ def test_restart_guard_counts_restarts_in_a_sliding_window() -> None:
     assert not guard.allow(2.0)
     assert guard.allow(10.5)  # the first one left the window
     assert not guard.allow(10.6)
+
+
+def test_restart_refusal_without_a_policy_and_after_the_storm_guard_gives_up() -> None:
+    def crashed(rid: RequestId | None) -> SupervisorError:
+        return WorkerCrashed("worker 7 died", exit_code=3, stderr_tail="boom", request_id=rid)
+
+    assert restart_refusal(None, crashed) is crashed
+    guard = RestartGuard(RestartPolicy(max_restarts=1, window_s=60.0))
+    assert restart_refusal(guard, crashed) is None  # allowed, and counted
+    refusal = restart_refusal(guard, crashed)
+    assert refusal is not None
+    error = refusal(5)
+    assert isinstance(error, WorkerCrashed) and error.request_id == 5
+    assert error.message == "gave up restarting: 1 restart(s) within 60 s; last: worker 7 died"
+    assert error.exit_code == 3 and error.stderr_tail == "boom"
 
 
 def test_a_chunk_of_plain_tokens_and_a_malformed_one() -> None:
