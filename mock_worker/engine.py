@@ -20,14 +20,6 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 
 from bridge.engine import Prepared, ShouldAbort, Step
-from bridge.inspect_attention import (
-    AttentionCapture,
-    InspectError,
-    output_directory,
-    requested_directory,
-    save_capture,
-    wire_error,
-)
 from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Chat, Detokenize, GenerationRequest, Inspect, Load, Tokenize
@@ -184,6 +176,16 @@ class ScriptedEngine:
             ) from None
 
     def inspect(self, request: Inspect) -> AttentionFacts:
+        # Imported here, not at start-up: only inspect writes attention files.
+        from bridge.inspect_attention import (
+            AttentionCapture,
+            InspectError,
+            output_directory,
+            requested_directory,
+            save_capture,
+            wire_error,
+        )
+
         self._require(request)
         assert self._facts is not None
         facts = self._facts
