@@ -25,6 +25,7 @@ from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
 from .engine import Engine, Prepared, ShouldAbort, Step
+from .mlx_memory import available_memory
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .model_kind import ModelKind, kind_of
 
@@ -112,13 +113,9 @@ class RoutingEngine:
         return self._vision
 
     def _available_memory(self) -> int:
-        if self._memory_budget is not None:
-            return self._memory_budget
-        import psutil
-
         facts = self._current.facts()
         freed = weights_bytes(Path(facts.path)) if facts else 0
-        return int(psutil.virtual_memory().available) + freed
+        return available_memory(self._memory_budget, freed=freed)
 
 
 def _require_mlx_vlm(path: str) -> None:

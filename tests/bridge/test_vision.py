@@ -336,6 +336,23 @@ def test_text_model_given_an_image_is_vision_not_supported(
         assert worker.wait() == 0
 
 
+def test_switching_kinds_checks_memory_before_unloading(tiny_model: Path, tiny_vlm: Path) -> None:
+    """A vision model that does not fit is refused while the text model stays loaded."""
+
+    def size(directory: Path) -> int:
+        return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+    text, vision = size(tiny_model), size(tiny_vlm)
+    assert text < vision
+    budget = int((text + vision) / 2 / 0.9)  # fits the text model, not the vision model
+    with WorkerProcess(WORKER, ["--memory-budget", str(budget)]) as worker:
+        assert worker.call({"cmd": "load", "id": 1, "path": str(tiny_model)})["type"] == "loaded"
+        refused = worker.call({"cmd": "load", "id": 2, "path": str(tiny_vlm)}, timeout=120)
+        assert refused["code"] == "out_of_memory", refused
+        info = worker.call({"cmd": "info", "id": 3})
+        assert info["model_type"] == "qwen3" and info["path"] == str(tiny_model)
+
+
 def test_without_mlx_vlm_a_vision_model_is_load_failed(tiny_model: Path, tmp_path: Path) -> None:
     stub = tmp_path / "no-mlx-vlm"
     stub.mkdir()
