@@ -19,10 +19,9 @@ import os
 import signal
 from collections.abc import Callable
 
-from protocol.errors import RequestId
-
 from .core import ErrorFactory, WorkerCore
-from .errors import SupervisorError, WorkerClosed, WorkerCrashed
+from .errors import WorkerCrashed
+from .lifecycle import EXIT_AFTER_EOF_S, JOIN_TIMEOUT_S, READ_CHUNK, STDERR_SETTLE_S, exit_error
 from .probe import ProcessProbe
 from .settings import Settings
 from .stderr import StderrLog
@@ -30,11 +29,6 @@ from .stderr import StderrLog
 __all__ = ["AsyncChild"]
 
 log = logging.getLogger("supervisor")
-
-READ_CHUNK = 1 << 18
-EXIT_AFTER_EOF_S = 1.0
-STDERR_SETTLE_S = 0.1
-JOIN_TIMEOUT_S = 5.0
 
 OnExit = Callable[["AsyncChild", ErrorFactory], None]
 
@@ -175,18 +169,13 @@ class AsyncChild:
             return await self.proc.wait()
 
     def _exit_error(self, returncode: int) -> ErrorFactory:
-        if self.closing:
-            return lambda rid: WorkerClosed("the worker was closed", request_id=rid)
-        if self.kill_reason is not None:
-            message = f"worker {self.pid} was killed by the supervisor: {self.kill_reason}"
-        else:
-            message = f"worker {self.pid} died"
-        tail = self.stderr.tail
-
-        def make(rid: RequestId | None) -> SupervisorError:
-            return WorkerCrashed(message, exit_code=returncode, stderr_tail=tail, request_id=rid)
-
-        return make
+        return exit_error(
+            self.pid,
+            returncode,
+            closing=self.closing,
+            kill_reason=self.kill_reason,
+            stderr_tail=self.stderr.tail,
+        )
 
     # -- ending ---------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""The pieces of a worker's life that ``Supervision`` and ``AsyncSupervision`` share.
+"""The I/O-free pieces of a worker's life that the sync and async twins share:
+``Supervision``/``AsyncSupervision`` and ``SyncChild``/``AsyncChild``.
 
-Both run the same state machine; only their waiting differs::
+Both supervisions run the same state machine; only their waiting differs::
 
     STARTING -> READY <-> RESTARTING
                   |            |
@@ -20,7 +21,7 @@ from protocol.errors import RequestId
 from protocol.replies import HelloReply, Reply
 
 from .core import ErrorFactory, WorkerCore
-from .errors import MemoryLimitExceeded, SupervisorError, WorkerCrashed, WorkerTimeout
+from .errors import MemoryLimitExceeded, SupervisorError, WorkerClosed, WorkerCrashed, WorkerTimeout
 from .restart import RestartGuard
 from .results import Token
 
@@ -29,6 +30,7 @@ __all__ = [
     "State",
     "accept_hello",
     "cancel_ignored",
+    "exit_error",
     "expect",
     "fixed_error",
     "gave_up_error",
@@ -41,6 +43,15 @@ __all__ = [
 log = logging.getLogger("supervisor")
 
 R = TypeVar("R", bound=Reply)
+
+# The pipe readers of both children.
+READ_CHUNK = 1 << 18
+# After stdout closes: how long the process may take to exit before it is
+# killed, and how long the stderr reader gets to deliver the last bytes.
+EXIT_AFTER_EOF_S = 1.0
+STDERR_SETTLE_S = 0.1
+# How long closing waits for the pipe readers to end.
+JOIN_TIMEOUT_S = 5.0
 
 
 class State(enum.Enum):
@@ -89,6 +100,24 @@ def gave_up_error(guard: RestartGuard, make_error: ErrorFactory) -> ErrorFactory
             stderr_tail=getattr(last, "stderr_tail", ""),
             request_id=rid,
         )
+
+    return make
+
+
+def exit_error(
+    pid: int, returncode: int, *, closing: bool, kill_reason: str | None, stderr_tail: str
+) -> ErrorFactory:
+    """What the requests of a child that ended fail with: ``WorkerClosed`` if
+    the host was closing it, else ``WorkerCrashed`` with the exit code and tail."""
+    if closing:
+        return lambda rid: WorkerClosed("the worker was closed", request_id=rid)
+    if kill_reason is not None:
+        message = f"worker {pid} was killed by the supervisor: {kill_reason}"
+    else:
+        message = f"worker {pid} died"
+
+    def make(rid: RequestId | None) -> SupervisorError:
+        return WorkerCrashed(message, exit_code=returncode, stderr_tail=stderr_tail, request_id=rid)
 
     return make
 
