@@ -158,6 +158,29 @@ class Fields:
             raise self.fail(key, f"must be an object, got {describe(value)}")
         return value
 
+    def child(self, key: str) -> Fields | None:
+        """The object at ``key``, read through its own ``Fields`` (None when absent)."""
+        value = self.object_(key)
+        return None if value is None else self.nested(key, value)
+
+    def required_child(self, key: str) -> Fields:
+        value = self.child(key)
+        if value is None:
+            raise self.fail(key, "required")
+        return value
+
+    def objects(self, key: str, *, required: bool = False) -> list[Fields] | None:
+        """A list of objects, each read through its own ``Fields`` named ``key[i]``."""
+        items = self.list_(key, required=required)
+        if items is None:
+            return None
+        out: list[Fields] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise self.fail(f"{key}[{i}]", f"must be an object, got {describe(item)}")
+            out.append(self.nested(f"{key}[{i}]", item))
+        return out
+
     def str_list(self, key: str) -> tuple[str, ...]:
         """A string or a list of strings (OpenAI's ``stop`` shape)."""
         value = self._raw.get(key)

@@ -118,11 +118,6 @@ def _mapping(f: Fields, key: str, kind: type, what: str) -> dict[str, JsonValue]
 # -- one parser per reply type --------------------------------------------------------
 
 
-def _object(f: Fields, key: str) -> Fields | None:
-    value = f.object_(key)
-    return f.nested(key, value) if value is not None else None
-
-
 def _vision_details(f: Fields | None) -> VisionDetails | None:
     if f is None:
         return None
@@ -155,7 +150,7 @@ def _facts(f: Fields) -> ModelFacts:
         quantization=f.object_("quantization"),  # type: ignore[arg-type]
         parameters=_int(f, "parameters"),
         vision=f.bool_("vision", False),
-        vision_details=_vision_details(_object(f, "vision_details")),
+        vision_details=_vision_details(f.child("vision_details")),
     )
 
 
@@ -177,23 +172,17 @@ def _loaded(f: Fields, rid: RequestId | None) -> Loaded:
 
 
 def _top_logprobs(f: Fields) -> tuple[TopLogprob, ...] | None:
-    items = f.list_("top_logprobs")
+    items = f.objects("top_logprobs")
     if items is None:
         return None
-    out: list[TopLogprob] = []
-    for i, item in enumerate(items):
-        key = f"top_logprobs[{i}]"
-        if not isinstance(item, dict):
-            raise f.fail(key, f"must be an object, got {describe(item)}")
-        t = f.nested(key, item)
-        out.append(
-            TopLogprob(
-                token_id=_int(t, "token_id"),
-                token=t.required_str("token"),
-                logprob=_float(t, "logprob"),
-            )
+    return tuple(
+        TopLogprob(
+            token_id=_int(t, "token_id"),
+            token=t.required_str("token"),
+            logprob=_float(t, "logprob"),
         )
-    return tuple(out)
+        for t in items
+    )
 
 
 def _token(f: Fields, rid: RequestId | None) -> TokenEvent:
@@ -207,18 +196,12 @@ def _token(f: Fields, rid: RequestId | None) -> TokenEvent:
 
 
 def _tool_calls(f: Fields) -> tuple[ToolCall, ...] | None:
-    items = f.list_("tool_calls")
+    items = f.objects("tool_calls")
     if items is None:
         return None
     out: list[ToolCall] = []
-    for i, item in enumerate(items):
-        key = f"tool_calls[{i}]"
-        if not isinstance(item, dict):
-            raise f.fail(key, f"must be an object, got {describe(item)}")
-        call = f.nested(key, item)
-        function = _object(call, "function")
-        if function is None:
-            raise call.fail("function", "required")
+    for call in items:
+        function = call.required_child("function")
         out.append(
             ToolCall(
                 id=call.required_str("id"),
@@ -247,11 +230,8 @@ def _done(f: Fields, rid: RequestId | None) -> Done:
 
 
 def _info(f: Fields, rid: RequestId | None) -> InfoReply:
-    raw = f.object_("memory")
-    if raw is None:
-        raise f.fail("memory", "required")
-    m = f.nested("memory", raw)
-    cache = _object(m, "prompt_cache")
+    m = f.required_child("memory")
+    cache = m.child("prompt_cache")
     memory = MemoryStats(
         active_bytes=_int(m, "active_bytes"),
         peak_bytes=_int(m, "peak_bytes"),

@@ -238,10 +238,7 @@ def _content(f: Fields, key: str) -> str | tuple[ContentPart, ...] | None:
     if not isinstance(value, list):
         raise f.fail(key, f"must be a string or a list of content parts, got {describe(value)}")
     parts: list[ContentPart] = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise f.fail(f"{key}[{i}]", f"must be an object, got {describe(item)}")
-        part = f.nested(f"{key}[{i}]", item)
+    for part in f.objects(key) or []:
         kind = part.required_str("type")
         if kind == "text":
             parts.append(TextPart(text=part.required_str("text")))
@@ -260,11 +257,7 @@ def _content(f: Fields, key: str) -> str | tuple[ContentPart, ...] | None:
     return tuple(parts)
 
 
-def _message(f: Fields, index: int, raw: object) -> ChatMessage:
-    key = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise f.fail(key, f"must be an object, got {describe(raw)}")
-    m = f.nested(key, raw)
+def _message(m: Fields) -> ChatMessage:
     tool_calls = m.list_("tool_calls")
     return ChatMessage(
         role=m.required_str("role", nonempty=True),
@@ -277,24 +270,17 @@ def _message(f: Fields, index: int, raw: object) -> ChatMessage:
 
 def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
     """OpenAI's ``tools``: ``[{"type":"function","function":{"name":…,…}}]``."""
-    items = f.list_("tools")
-    if items is None:
+    tools = f.objects("tools")
+    if tools is None:
         return None
-    for i, item in enumerate(items):
-        key = f"tools[{i}]"
-        if not isinstance(item, dict):
-            raise f.fail(key, f"must be an object, got {describe(item)}")
-        tool = f.nested(key, item)
+    for tool in tools:
         kind = tool.str_("type")
         if kind is not None and kind != "function":
             raise tool.fail("type", f"must be 'function', got {kind!r}")
-        function = tool.object_("function")
-        if function is None:
-            raise tool.fail("function", "required")
-        spec = tool.nested("function", function)
+        spec = tool.required_child("function")
         spec.required_str("name", nonempty=True)
         spec.object_("parameters")
-    return tuple(items)  # type: ignore[arg-type]
+    return tuple(f.list_("tools") or ())  # type: ignore[arg-type]
 
 
 def _load(f: Fields, rid: RequestId | None) -> Load:
@@ -322,13 +308,13 @@ def _generate(f: Fields, rid: RequestId | None) -> Generate:
 
 
 def _chat(f: Fields, rid: RequestId | None) -> Chat:
-    raw_messages = f.list_("messages", required=True) or []
-    if not raw_messages:
+    messages = f.objects("messages", required=True) or []
+    if not messages:
         raise f.fail("messages", "must not be empty")
     kwargs = f.object_("chat_template_kwargs")
     return Chat(
         id=rid,
-        messages=tuple(_message(f, i, m) for i, m in enumerate(raw_messages)),
+        messages=tuple(_message(m) for m in messages),
         sampling=_sampling(f),
         chat_template_kwargs=kwargs,  # type: ignore[arg-type]
         tools=_tools(f),
