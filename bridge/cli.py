@@ -29,14 +29,14 @@ def parser(prog: str = "python -m bridge") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-line-bytes",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_LINE_BYTES,
         metavar="N",
         help=f"longest accepted request line (default: {DEFAULT_MAX_LINE_BYTES})",
     )
     p.add_argument(
         "--max-queue",
-        type=_positive,
+        type=positive_int,
         default=256,
         metavar="N",
         help="requests that may wait; more are refused with 'busy' (default: 256)",
@@ -50,7 +50,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--prefill-step-size",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_PREFILL_STEP,
         metavar="N",
         help=f"prompt tokens per prefill chunk; cancel is checked between chunks "
@@ -58,13 +58,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--memory-budget",
-        type=_positive,
+        type=positive_int,
         metavar="BYTES",
         help="memory the load gate may assume is available (default: what psutil reports)",
     )
     p.add_argument(
         "--prompt-cache-entries",
-        type=_non_negative,
+        type=non_negative_int,
         default=DEFAULT_MAX_ENTRIES,
         metavar="N",
         help="conversations whose KV cache is kept for reuse (one per cache_key, plus the "
@@ -73,7 +73,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prompt-cache-bytes",
-        type=_non_negative,
+        type=non_negative_int,
         default=DEFAULT_MAX_BYTES,
         metavar="BYTES",
         help="most bytes the kept KV caches may hold; 0 turns it off "
@@ -81,14 +81,14 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be ≥ 1")
     return value
 
 
-def _non_negative(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be ≥ 0")

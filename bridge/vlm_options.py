@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import positive_int
 from .engine import Engine
 from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, ImagePolicy
 from .routing_engine import RoutingEngine
@@ -24,7 +25,7 @@ def add_vision_options(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-image-bytes",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_IMAGE_BYTES,
         metavar="N",
         help=f"largest image, in bytes (encoded); larger is image_too_large "
@@ -32,7 +33,7 @@ def add_vision_options(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-images",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_IMAGES,
         metavar="N",
         help=f"most images in one chat request; more is image_too_large "
@@ -63,10 +64,3 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
         )
 
     return RoutingEngine(text, vision, memory_budget=args.memory_budget)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be ≥ 1")
-    return value
