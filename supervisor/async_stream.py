@@ -16,6 +16,7 @@ from protocol.fields import JsonValue
 from protocol.replies import Done, Reply
 
 from .errors import SupervisorError
+from .lifecycle import ReplyBox
 from .results import StreamResult, Token
 
 if TYPE_CHECKING:
@@ -40,35 +41,16 @@ async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     return True
 
 
-class AsyncReplySink:
+class AsyncReplySink(ReplyBox[asyncio.Event]):
     """Waits for the single reply of a non-streaming request."""
 
-    __slots__ = ("_event", "_reply", "_error")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self._reply: Reply | None = None
-        self._error: SupervisorError | None = None
-
-    def tokens(self, batch: list[Token]) -> None:
-        pass
-
-    def finish(self, reply: Reply) -> None:
-        self._reply = reply
-        self._event.set()
-
-    def fail(self, error: SupervisorError) -> None:
-        self._error = error
-        self._event.set()
+        super().__init__(asyncio.Event())
 
     async def wait(self, timeout: float | None) -> bool:
         return await _wait_event(self._event, timeout)
-
-    def value(self) -> Reply:
-        if self._error is not None:
-            raise self._error
-        assert self._reply is not None
-        return self._reply
 
 
 class AsyncStream:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from protocol.codec import PROTOCOL_VERSION
 from protocol.errors import RequestId
@@ -27,6 +27,7 @@ from .results import Token
 
 __all__ = [
     "QuitSink",
+    "ReplyBox",
     "State",
     "accept_hello",
     "cancel_ignored",
@@ -73,6 +74,44 @@ class QuitSink:
 
     def fail(self, error: SupervisorError) -> None:
         pass
+
+
+class _Event(Protocol):
+    def set(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Event)
+
+
+class ReplyBox(Generic[E]):
+    """The :class:`~supervisor.core.Sink` of a non-streaming request: keeps its
+    one reply or error and sets ``event``. The twins (``ReplySink``,
+    ``AsyncReplySink``) add the waiting on their kind of event."""
+
+    __slots__ = ("_event", "_reply", "_error")
+
+    def __init__(self, event: E) -> None:
+        self._event = event
+        self._reply: Reply | None = None
+        self._error: SupervisorError | None = None
+
+    def tokens(self, batch: list[Token]) -> None:  # the core never sends these here
+        pass
+
+    def finish(self, reply: Reply) -> None:
+        self._reply = reply
+        self._event.set()
+
+    def fail(self, error: SupervisorError) -> None:
+        self._error = error
+        self._event.set()
+
+    def value(self) -> Reply:
+        """The reply, once the event is set; raises the request's error."""
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
 
 
 def expect(reply: Reply, kind: type[R]) -> R:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from protocol.replies import Done, Reply
 
 from .errors import SupervisorError
+from .lifecycle import ReplyBox
 from .results import StreamResult, Token
 
 if TYPE_CHECKING:
@@ -27,35 +28,16 @@ __all__ = ["ReplySink", "Stream"]
 log = logging.getLogger("supervisor")
 
 
-class ReplySink:
+class ReplySink(ReplyBox[threading.Event]):
     """Waits for the single reply of a non-streaming request."""
 
-    __slots__ = ("_event", "_reply", "_error")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._reply: Reply | None = None
-        self._error: SupervisorError | None = None
-
-    def tokens(self, batch: list[Token]) -> None:  # the core never sends these here
-        pass
-
-    def finish(self, reply: Reply) -> None:
-        self._reply = reply
-        self._event.set()
-
-    def fail(self, error: SupervisorError) -> None:
-        self._error = error
-        self._event.set()
+        super().__init__(threading.Event())
 
     def wait(self, timeout: float | None) -> bool:
         return self._event.wait(timeout)
-
-    def value(self) -> Reply:
-        if self._error is not None:
-            raise self._error
-        assert self._reply is not None
-        return self._reply
 
 
 class Stream:
