@@ -16,6 +16,7 @@ from supervisor import (
     RequestError,
     RestartPolicy,
     Worker,
+    WorkerClosed,
     WorkerCrashed,
     WorkerTimeout,
 )
@@ -200,9 +201,8 @@ def test_quit_silently_still_closes_cleanly() -> None:
     w.close()
     assert time.perf_counter() - started < 0.5
     assert w.returncode == 0
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(WorkerClosed):
         list(stream)
-    assert type(caught.value).__name__ == "WorkerClosed"
 
 
 def test_early_exit_at_start_up_is_a_crash_with_the_stderr_tail() -> None:
