@@ -409,17 +409,8 @@ EXTRA_PROBES: dict[str, list[object]] = {
 
 def _known_divergence(field: str, value: object) -> bool:
     """JSON Schema cannot tell 1 from 1.0. Integer fields read 1.0 as 1, except
-    ``id`` (echoed exactly as sent, so it must be an integer) and the items of
-    ``detokenize``'s ``tokens`` (an inconsistency of ``Fields.int_list``)."""
-
-    def integral_float(v: object) -> bool:
-        return isinstance(v, float) and v.is_integer()
-
-    if field == "id":
-        return integral_float(value)
-    if field == "tokens" and isinstance(value, list):
-        return any(integral_float(v) for v in value)
-    return False
+    ``id`` (echoed exactly as sent, so it must be an integer)."""
+    return field == "id" and isinstance(value, float) and value.is_integer()
 
 
 def _parser_accepts(raw: dict[str, Any]) -> bool:
