@@ -285,12 +285,7 @@ class AsyncSupervision:
             if exc.code != "no_model":
                 raise
             mlx = None
-        return WorkerStats(
-            pid=child.pid,
-            rss_bytes=child.probe.rss() or 0,
-            cpu_percent=child.probe.cpu_percent(),
-            mlx=mlx,
-        )
+        return child.probe.stats(mlx)
 
     # -- close ---------------------------------------------------------------------------
 

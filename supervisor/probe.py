@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import psutil
 
+from protocol.replies import MemoryStats
+
+from .results import WorkerStats
+
 __all__ = ["ProcessProbe"]
 
 
@@ -37,3 +41,9 @@ class ProcessProbe:
             return float(self._proc.cpu_percent(None))
         except psutil.Error:
             return 0.0
+
+    def stats(self, mlx: MemoryStats | None) -> WorkerStats:
+        """A snapshot of the process, with the worker's own MLX memory report."""
+        return WorkerStats(
+            pid=self.pid, rss_bytes=self.rss() or 0, cpu_percent=self.cpu_percent(), mlx=mlx
+        )
