@@ -7,6 +7,7 @@ bad command line or an unreadable ``--schema``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -97,7 +98,7 @@ def select(groups: Sequence[Group], only: Sequence[str]) -> list[Group]:
             c for c in group.cases if any(w in f"{group.name} / {c.name}".lower() for w in wanted)
         )
         if cases:
-            chosen.append(Group(name=group.name, about=group.about, model=group.model, cases=cases))
+            chosen.append(dataclasses.replace(group, cases=cases))
     return chosen
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from protocol.conformance.cases import GROUPS
 from protocol.conformance.checker import DEFAULT_SCHEMA, ReplyChecker, load_checker
+from protocol.conformance.cli import select
 from tests.harness import ROOT, worker_env
 from tests.schema_check import validate_reply, validate_request
 
@@ -218,6 +219,22 @@ def test_command_line() -> None:
         cwd=ROOT,
     )
     assert bad_schema.returncode == 2 and "no such file" in bad_schema.stderr
+
+
+def test_only_keeps_the_chosen_groups_as_they_are_but_for_their_cases() -> None:
+    """``--only`` runs a case the way a full run does: same model, same worker sharing."""
+    chosen = select(GROUPS, ["INPUT / framing", "go-mlx / info"])
+    originals = {group.name: group for group in GROUPS}
+    assert [group.name for group in chosen] == ["input", "go-mlx"]
+    for group in chosen:
+        original = originals[group.name]
+        assert (group.about, group.model, group.same_worker) == (
+            original.about,
+            original.model,
+            original.same_worker,
+        )
+        assert len(group.cases) == 1 and group.cases[0] in original.cases
+    assert select(GROUPS, []) == list(GROUPS)
 
 
 def test_case_names_are_unique_within_a_group() -> None:
