@@ -29,7 +29,6 @@ from protocol.requests import (
 
 from .engine import Prepared, ShouldAbort, Step
 from .generation import Outcome
-from .inspect_attention import InspectError, inspect_prompt, requested_directory, wire_error
 from .mlx_facts import model_facts
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
@@ -258,6 +257,9 @@ class MlxLmEngine:
         return str(loaded.tokenizer.decode(list(request.tokens)))
 
     def inspect(self, request: Inspect) -> AttentionFacts:
+        # here, not at the top: tempfile and shutil are not needed before the first hello
+        from .inspect_attention import InspectError, inspect_prompt, requested_directory, wire_error
+
         loaded = self._require(request)
         try:
             capture = inspect_prompt(
