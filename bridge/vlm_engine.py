@@ -49,6 +49,7 @@ from protocol.requests import (
 
 from .engine import Prepared, ShouldAbort, Step
 from .images import ImagePolicy, image_parts, load_images
+from .mlx_engine import DEFAULT_PREFILL_STEP
 from .mlx_facts import model_facts
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.vlm_engine")
 
-DEFAULT_PREFILL_STEP = 256
 INSTALL_HINT = "pip install 'mlx-bridge[vlm]'"
 
 # Roles whose messages may carry images, as in OpenAI's API. (mlx-vlm drops
@@ -289,12 +289,6 @@ class MlxVlmEngine:
     def memory(self) -> MemoryStats:
         return memory_stats()
 
-    @property
-    def weights_bytes(self) -> int:
-        """Bytes of the loaded model's weight files (0 when none is loaded)."""
-        loaded = self._loaded
-        return loaded.weights_bytes if loaded else 0
-
     # -- helpers ------------------------------------------------------------------------
 
     def _require(self, request: GenerationRequest | Tokenize | Detokenize | Inspect) -> _Loaded:
@@ -303,7 +297,8 @@ class MlxVlmEngine:
         return self._loaded
 
     def _available_memory(self) -> int:
-        return available_memory(self._memory_budget, freed=self.weights_bytes)
+        freed = self._loaded.weights_bytes if self._loaded else 0
+        return available_memory(self._memory_budget, freed=freed)
 
     def _vision_details(self, model: Any, processor: Any) -> VisionDetails:
         config = model.config
