@@ -7,9 +7,11 @@ answer cuts the second one there), never with recorded token ids.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Final
 
+from ...replies import ModelFacts
 from ..matching import ABSENT, Check, StartsWith
 from ..session import CaseSkipped, Line, Session, fail, text_of, token_ids
 from ..table import Case, Group
@@ -17,22 +19,8 @@ from .rules import check_cancelled, check_finished, done_of, long_generate, roun
 
 __all__ = ["FACT_KEYS", "GROUP"]
 
-FACT_KEYS: Final = (
-    "path",
-    "model_type",
-    "vocab_size",
-    "layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "context_len",
-    "dtype",
-    "quantization",
-    "parameters",
-    "vision",
-)
-"""The model facts that ``loaded`` and ``info`` both report."""
+FACT_KEYS: Final = tuple(fact.name for fact in dataclasses.fields(ModelFacts))
+"""The model facts that ``loaded`` and ``info`` both report (their wire names)."""
 
 PROMPT: Final = "The quick brown fox jumps over the lazy dog"
 
