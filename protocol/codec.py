@@ -70,12 +70,8 @@ def _scrub(value: JsonValue) -> JsonValue:
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     if isinstance(value, dict):
-        return {_scrub_key(k): _scrub(v) for k, v in value.items()}
+        return {_LONE_SURROGATE.sub("\ufffd", k): _scrub(v) for k, v in value.items()}
     return value
-
-
-def _scrub_key(key: str) -> str:
-    return _LONE_SURROGATE.sub("\ufffd", key)
 
 
 def encode(reply: Reply) -> bytes:
@@ -108,4 +104,4 @@ class TokenLines:
         try:
             return orjson.dumps(wire, option=orjson.OPT_APPEND_NEWLINE)
         except orjson.JSONEncodeError:  # a lone surrogate in the text
-            return encode_wire(dict(wire))
+            return orjson.dumps(_scrub(wire), option=orjson.OPT_APPEND_NEWLINE)
