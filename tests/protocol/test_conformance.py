@@ -22,6 +22,7 @@ import pytest
 from protocol.conformance.cases import GROUPS
 from protocol.conformance.checker import DEFAULT_SCHEMA, ReplyChecker, load_checker
 from protocol.conformance.cli import select
+from protocol.conformance.matching import same_json
 from tests.harness import ROOT, worker_env
 from tests.schema_check import validate_reply, validate_request
 
@@ -235,6 +236,28 @@ def test_only_keeps_the_chosen_groups_as_they_are_but_for_their_cases() -> None:
         )
         assert len(group.cases) == 1 and group.cases[0] in original.cases
     assert select(GROUPS, []) == list(GROUPS)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        (1, 1, True),
+        (1, 1.0, False),
+        (1, True, False),
+        (0, None, False),
+        (True, True, True),
+        ("1", 1, False),
+        ("x", "x", True),
+        (None, None, True),
+        ([1, [2]], [1, [2]], True),
+        ([1], [1.0], False),
+        ({"a": 1}, {"a": 1}, True),
+        ({"a": 1}, {"a": True}, False),
+        ({"a": 1}, {"a": 1, "b": 2}, False),
+    ],
+)
+def test_patterns_compare_as_json(a: object, b: object, same: bool) -> None:
+    assert same_json(a, b) is same and same_json(b, a) is same
 
 
 def test_case_names_are_unique_within_a_group() -> None:
