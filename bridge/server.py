@@ -24,6 +24,7 @@ from .jobs import Job
 from .router import Router
 from .scheduler import SerialScheduler
 from .stdio import LineWriter, claim_stdout, read_lines
+from .versions import package_versions
 
 log = logging.getLogger("bridge")
 
@@ -41,25 +42,6 @@ class ServeOptions:
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
     # Reported only when installed: their absence tells the host something.
     optional_versions: tuple[str, ...] = ("mlx-vlm",)
-
-
-def package_versions(names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str]:
-    out = {"bridge": _version("mlx-bridge") or "unknown"}
-    for name in names:
-        out[name] = _version(name) or "unknown"
-    for name in optional:
-        if (version := _version(name)) is not None:
-            out[name] = version
-    return out
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata  # about 20 ms: not before the first hello
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def serve(
