@@ -175,6 +175,11 @@ class MlxVlmEngine:
                     tokens=tuple(tokens), sampling=fit_vocab(request, loaded.facts.vocab_size)
                 )
             case Chat():
+                if request.tools:
+                    log.warning(
+                        "tools given to a vision model: they are not passed to its chat "
+                        "template and its answer is not parsed for tool calls"
+                    )
                 return self._prepare_chat(loaded, request)
 
     def generate(

@@ -184,6 +184,24 @@ def test_text_only_requests_to_the_vision_model(vlm_worker: WorkerProcess) -> No
     assert vlm_worker.call({"cmd": "detokenize", "id": "d", "tokens": tokens})["text"] == "hello"
 
 
+def test_tools_to_a_vision_model_answer_as_text_with_a_warning(vlm_worker: WorkerProcess) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    chat = vlm_worker.request(
+        {
+            "cmd": "chat",
+            "id": "tools",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": tools,
+            "max_tokens": 3,
+        }
+    )
+    assert chat[-1]["finish_reason"] == "length" and "tool_calls" not in chat[-1]
+    deadline = time.monotonic() + 5
+    while "not parsed for tool calls" not in vlm_worker.stderr_text:
+        assert time.monotonic() < deadline, vlm_worker.stderr_text
+        time.sleep(0.05)
+
+
 def test_inspect_is_refused_for_a_vision_model(vlm_worker: WorkerProcess) -> None:
     for rid in ("in", None):
         request = {"cmd": "inspect", "prompt": "hello"} | ({"id": rid} if rid else {})
