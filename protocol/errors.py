@@ -20,6 +20,9 @@ an exception class, so hosts written in Python can ``except`` on it::
     ├── Busy                   busy: the request queue is full
     ├── Cancelled              cancelled: a queued non-streaming request was cancelled
     ├── ShuttingDown           shutting_down: the worker is quitting
+    ├── Forbidden              forbidden: the worker's flags do not allow it
+    ├── ContextLengthExceeded  context_length_exceeded: prompt over the context or the cap
+    ├── MlxMissing             mlx_missing: MLX or mlx-lm is not installed
     └── Internal               internal: a bug; the message says what broke
 """
 
@@ -108,6 +111,18 @@ class ShuttingDown(WireError):
     CODE = "shutting_down"
 
 
+class Forbidden(WireError):
+    CODE = "forbidden"
+
+
+class ContextLengthExceeded(WireError):
+    CODE = "context_length_exceeded"
+
+
+class MlxMissing(WireError):
+    CODE = "mlx_missing"
+
+
 class Internal(WireError):
     CODE = "internal"
 
@@ -130,6 +145,9 @@ ERROR_CLASSES: dict[str, type[WireError]] = {
         Busy,
         Cancelled,
         ShuttingDown,
+        Forbidden,
+        ContextLengthExceeded,
+        MlxMissing,
         Internal,
     )
 }
