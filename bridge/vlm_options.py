@@ -61,6 +61,9 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
             prefill_step_size=args.prefill_step_size,
             memory_budget=args.memory_budget,
             images=policy,
+            trust_remote_code=args.trust_remote_code,
         )
 
-    return RoutingEngine(text, vision, memory_budget=args.memory_budget)
+    return RoutingEngine(
+        text, vision, memory_budget=args.memory_budget, trust_remote_code=args.trust_remote_code
+    )
