@@ -50,8 +50,8 @@ def remote_code_allowed(request: Load, *, worker_allows: bool) -> bool:
     started with ``--trust-remote-code``; call it before reading anything."""
     if request.trust_remote_code and not worker_allows:
         raise Forbidden(
-            "trust_remote_code: this worker does not run code from model directories; "
-            f"true needs a worker started with {TRUST_FLAG}",
+            f"trust_remote_code: true needs a worker started with {TRUST_FLAG}; "
+            "this worker runs no code from model directories",
             request_id=request.id,
         )
     return request.trust_remote_code and worker_allows
@@ -88,18 +88,17 @@ class CodeGuard:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         if self._allowed:
-            return False
+            return
         _guards.pop(self._thread, None)
-        if not self.refused:
-            return False
-        raise LoadFailed(
-            f"path: the model wants to run Python code from {self.refused[0]}, which this "
-            f'worker refused; code from a model directory runs only with "trust_remote_code": '
-            f"true on a worker started with {TRUST_FLAG}",
-            request_id=self._request_id,
-        ) from None
+        if self.refused:
+            raise LoadFailed(
+                f"path: the model wants to run Python code from {self.refused[0]}, which this "
+                f'worker refused; code from a model directory runs only with "trust_remote_code": '
+                f"true on a worker started with {TRUST_FLAG}",
+                request_id=self._request_id,
+            ) from None
 
     def check(self, filename: str) -> None:
         """Raise :class:`_Refused` unless ``filename`` is installed code."""
