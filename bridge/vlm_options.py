@@ -8,6 +8,7 @@ vision code; ``cli`` calls :func:`add_vision_options` on its parser and
 from __future__ import annotations
 
 import argparse
+import os
 
 from .cli import positive_int
 from .engine import Engine
@@ -22,6 +23,17 @@ def add_vision_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let chat image parts be http(s) URLs, which the worker then fetches "
         "(default: refused with bad_image)",
+    )
+    group.add_argument(
+        "--image-root",
+        action="append",
+        type=image_root,
+        default=[],
+        metavar="DIR",
+        help="read local images (file paths and file:// URLs) only from inside DIR, after "
+        "resolving symlinks and '..'; others are refused with forbidden. Repeatable. "
+        "Default: any absolute path the worker can read (regular files only); a host "
+        "that forwards end users' messages should set it",
     )
     group.add_argument(
         "--max-image-bytes",
@@ -46,7 +58,18 @@ def image_policy(args: argparse.Namespace) -> ImagePolicy:
         max_bytes=args.max_image_bytes,
         max_images=args.max_images,
         allow_remote=args.allow_remote_images,
+        roots=tuple(args.image_root),
     )
+
+
+def image_root(text: str) -> str:
+    """An existing directory, as its real path (symlinks and '..' resolved)."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("contains a NUL byte")
+    real = os.path.realpath(os.path.expanduser(text))
+    if not os.path.isdir(real):
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    return real
 
 
 def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
