@@ -22,7 +22,8 @@ def add_vision_options(p: argparse.ArgumentParser) -> None:
         "--allow-remote-images",
         action="store_true",
         help="let chat image parts be http(s) URLs, which the worker then fetches "
-        "(default: refused with bad_image)",
+        "(default: refused with bad_image; keep it off when the worker serves end users' "
+        "messages)",
     )
     group.add_argument(
         "--image-root",
