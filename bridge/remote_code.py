@@ -15,11 +15,12 @@ When code is not allowed, the engines pass ``trust_remote_code=False``
 explicitly to mlx-lm, mlx-vlm and transformers (whose defaults differ: some
 of mlx-vlm's processors default it to true, a few hard-code it), and run the
 library's load inside :class:`CodeGuard`: a process-wide audit hook
-(:func:`sys.addaudithook`) that, on the loading thread only, refuses to
-execute or import a Python file or extension module that is not part of the
-installed packages (the standard library, site-packages, ``sys.path`` other
-than the working directory, and this project's packages), and anything inside
-the model directory or transformers' ``transformers_modules`` cache. The
+(:func:`sys.addaudithook`) that, while the load runs, refuses to execute or
+import anything inside the model directory or transformers'
+``transformers_modules`` cache, on any thread, and on the loading thread also
+any Python file or extension module that is not part of the installed
+packages (the standard library, site-packages, ``sys.path`` other than the
+working directory, and this project's packages) and any unpickling. The
 refusal is a :class:`BaseException`, which a library's ``except Exception``
 cannot swallow, and it is also recorded, so the load fails with
 ``load_failed`` even if a library does swallow it.
@@ -63,11 +64,12 @@ class _Refused(BaseException):
 
 
 class CodeGuard:
-    """While entered on a thread (and ``allowed`` is false), code from
-    outside the installed packages cannot run on that thread.
+    """While entered (and ``allowed`` is false), code from the model directory
+    cannot run on any thread, and on the entering thread no code from outside
+    the installed packages can run and nothing can be unpickled.
 
-    Leaving the block raises ``load_failed`` naming the refused file when
-    anything was refused, whatever the library did with the refusal."""
+    Leaving the block raises ``load_failed`` naming what was refused when
+    anything was, whatever the library did with the refusal."""
 
     def __init__(self, directory: Path, *, allowed: bool, request_id: RequestId | None) -> None:
         self._directory = os.path.realpath(directory)
@@ -94,25 +96,30 @@ class CodeGuard:
         _guards.pop(self._thread, None)
         if self.refused:
             raise LoadFailed(
-                f"path: the model wants to run Python code from {self.refused[0]}, which this "
-                f'worker refused; code from a model directory runs only with "trust_remote_code": '
-                f"true on a worker started with {TRUST_FLAG}",
+                f"path: the model wants to run {self.refused[0]}, which this worker refused; "
+                'code from a model directory runs only with "trust_remote_code": true on a '
+                f"worker started with {TRUST_FLAG}",
                 request_id=self._request_id,
             ) from None
 
-    def check(self, filename: str) -> None:
-        """Raise :class:`_Refused` unless ``filename`` is installed code."""
+    def check_file(self, filename: str, *, owner: bool) -> None:
+        """Raise :class:`_Refused` if code from ``filename`` may not run;
+        ``owner``: on the thread that entered the guard."""
         if not os.path.isabs(filename):
             return  # "<string>", "<frozen …>", jinja's "<template>": code made in memory
         real = os.path.realpath(filename)
         if _inside(real, self._directory) or MODULES_CACHE_DIR in Path(real).parts:
-            self._refuse(filename)
-        if not any(_inside(real, root) for root in _trusted_roots()):
-            self._refuse(filename)
+            self._refuse(f"Python code from {filename}")
+        if owner and not any(_inside(real, root) for root in _trusted_roots()):
+            self._refuse(f"Python code from {filename}")
 
-    def _refuse(self, filename: str) -> None:
-        self.refused.append(filename)
-        raise _Refused(filename)
+    def check_unpickle(self, module: object, name: object) -> None:
+        # a pickle can call anything it names: loading one is running code
+        self._refuse(f"a pickle (it names {module}.{name})")
+
+    def _refuse(self, what: str) -> None:
+        self.refused.append(what)
+        raise _Refused(what)
 
 
 # -- the audit hook ----------------------------------------------------------------------
@@ -133,23 +140,36 @@ def _install_hook() -> None:
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if not _guards:
+    if not _guards or event not in _EVENTS:
         return
-    guard = _guards.get(threading.get_ident())
-    if guard is None:
-        return
-    if event == "exec":
-        code = args[0] if args else None
-        if isinstance(code, CodeType):
-            guard.check(code.co_filename)
-    elif event == "import":
-        filename = args[1] if len(args) > 1 else None  # extension modules give their file
-        if isinstance(filename, str):
-            guard.check(filename)
-    elif event == "ctypes.dlopen":
-        name = args[0] if args else None
-        if isinstance(name, str) and os.path.isabs(name):
-            guard.check(name)
+    own = _guards.get(threading.get_ident())
+    if own is not None:
+        _check(own, event, args, owner=True)
+    else:  # another thread (one a library started, say): the model-directory rule only
+        for guard in tuple(_guards.values()):
+            _check(guard, event, args, owner=False)
+
+
+def _check(guard: CodeGuard, event: str, args: tuple[Any, ...], *, owner: bool) -> None:
+    match event:
+        case "exec":
+            code = args[0] if args else None
+            if isinstance(code, CodeType):
+                guard.check_file(code.co_filename, owner=owner)
+        case "import":
+            filename = args[1] if len(args) > 1 else None  # extension modules give their file
+            if isinstance(filename, str):
+                guard.check_file(filename, owner=owner)
+        case "ctypes.dlopen":
+            name = args[0] if args else None
+            if isinstance(name, str) and os.path.isabs(name):
+                guard.check_file(name, owner=owner)
+        case "pickle.find_class":
+            if owner:
+                guard.check_unpickle(*args[:2])
+
+
+_EVENTS = frozenset({"exec", "import", "ctypes.dlopen", "pickle.find_class"})
 
 
 def _trusted_roots() -> tuple[str, ...]:

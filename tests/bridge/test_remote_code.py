@@ -166,3 +166,58 @@ def test_a_model_file_in_config_json_is_refused_without_trust(
         assert "evil_model.py" in reply["error"]
         assert ran(markers) == []
         assert_serving(w)
+
+
+# -- the guard itself, in process ------------------------------------------------------------
+
+
+def test_the_guard_refuses_code_and_pickles_even_when_swallowed(tmp_path: Path) -> None:
+    import pickle
+    import runpy
+    import threading
+    from collections import OrderedDict
+
+    from bridge.remote_code import CodeGuard
+    from protocol.errors import LoadFailed
+
+    model = tmp_path / "model"
+    model.mkdir()
+    marker = tmp_path / "ran"
+    (model / "code.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    attempts: list[Any] = [
+        lambda: runpy.run_path(str(model / "code.py")),
+        lambda: runpy.run_path(str(outside)),  # not installed code: refused on the loading thread
+        lambda: pickle.loads(pickle.dumps(OrderedDict(a=1))),
+    ]
+    for attempt in attempts:
+        with pytest.raises(LoadFailed, match="trust_remote_code"):
+            with CodeGuard(model, allowed=False, request_id="x"):
+                try:
+                    attempt()
+                except BaseException:  # as a library that swallows everything would
+                    pass
+        assert not marker.exists()
+
+    def other_thread() -> None:
+        try:
+            runpy.run_path(str(model / "code.py"))
+        except BaseException:
+            pass
+
+    with pytest.raises(LoadFailed, match="code.py"):
+        with CodeGuard(model, allowed=False, request_id="x"):
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+    assert not marker.exists()
+    # installed code, code made in memory and allowed loads are untouched
+    with CodeGuard(model, allowed=False, request_id="x"):
+        import json.tool  # noqa: F401
+
+        exec(compile("y = 1", "<string>", "exec"), {})
+    with CodeGuard(model, allowed=True, request_id="x"):
+        runpy.run_path(str(model / "code.py"))
+    assert marker.exists()
+    runpy.run_path(str(outside))  # and nothing is refused once the guard is left
