@@ -57,6 +57,14 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         f"(default: {DEFAULT_PREFILL_STEP})",
     )
     p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help='let a load that asks for it ("trust_remote_code": true) run Python code '
+        "from the model directory (auto_map, model_file); without this flag such a load "
+        "is refused with forbidden, and no code from a model directory ever runs "
+        "(default: off)",
+    )
+    p.add_argument(
         "--memory-budget",
         type=positive_int,
         metavar="BYTES",
@@ -118,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory_budget=args.memory_budget,
         prompt_cache_entries=args.prompt_cache_entries,
         prompt_cache_bytes=args.prompt_cache_bytes,
+        trust_remote_code=args.trust_remote_code,
     )
     engine = routing_engine(text, args)
     options = ServeOptions(

@@ -3,10 +3,27 @@
 An ``image_url`` may be
 
 - a ``data:`` URL with base64 content (``data:image/png;base64,…``);
-- a ``file://`` URL or an absolute path, read from the worker's file system;
+- a ``file://`` URL (with no host, or ``localhost``) or an absolute path,
+  read from the worker's file system;
 - an ``http(s)://`` URL, fetched only when the worker was started with
   ``--allow-remote-images`` (otherwise refused: a host should not be able to
   make the worker fetch arbitrary URLs by accident).
+
+Local files:
+
+- Only regular files are read. The file is opened with ``O_NONBLOCK`` (so a
+  FIFO cannot block the engine thread), the opened descriptor is checked
+  with ``fstat``, and at most ``--max-image-bytes`` + 1 bytes are read from
+  it: ``/dev/stdin``, ``/proc/self/fd/0``, FIFOs, devices and directories are
+  ``bad_image``, and nothing is read from them.
+- With ``--image-root DIR`` (repeatable), a file must lie inside one of the
+  roots once symlinks and ``..`` are resolved, else ``forbidden``. The check
+  is made on the path of the file actually opened (``/proc/self/fd`` on Linux,
+  ``F_GETPATH`` on macOS), so swapping a symlink after the check does not
+  escape. Without a root, any absolute path the worker can read is accepted:
+  a host that forwards end users' messages should set ``--image-root``.
+- Error messages give no size of a file that is not an image and no facts
+  about a file outside the roots (not even whether it exists).
 
 Images are decoded in memory, with Pillow, into RGB images that mlx-vlm takes
 as they are; nothing is written to disk.
@@ -16,8 +33,10 @@ Errors name the content part, like every request error:
 - ``image_too_large``: more bytes than ``--max-image-bytes``, more images
   than ``--max-images``, or more pixels than Pillow's decompression-bomb
   limit;
-- ``bad_image``: an unsupported or malformed URL, a missing or unreadable
-  file, a refused or failed download, or bytes Pillow cannot decode.
+- ``bad_image``: an unsupported or malformed URL (a ``file://`` URL with a
+  host, a NUL byte in a path), a missing, unreadable or not regular file, a
+  refused or failed download, or bytes Pillow cannot decode;
+- ``forbidden``: a local file outside every ``--image-root``.
 """
 
 from __future__ import annotations
@@ -25,6 +44,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import stat
+import sys
 import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.errors import BadImage, ImageTooLarge, RequestId
+from protocol.errors import BadImage, Forbidden, ImageTooLarge, RequestId
 from protocol.requests import ChatMessage, ImagePart
 
 if TYPE_CHECKING:
@@ -51,6 +73,8 @@ class ImagePolicy:
     max_images: int = DEFAULT_MAX_IMAGES
     allow_remote: bool = False
     remote_timeout_s: float = REMOTE_TIMEOUT_S
+    # real paths of the --image-root directories; empty: any absolute path
+    roots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,13 +116,20 @@ def read_image_bytes(
     url: str, policy: ImagePolicy, *, field: str, request_id: RequestId | None
 ) -> bytes:
     if url.startswith("/"):
-        return _read_file(Path(url), policy, field=field, request_id=request_id)
+        return _read_file(url, policy, field=field, request_id=request_id)
     match urllib.parse.urlsplit(url).scheme.lower():
         case "data":
             return _read_data_url(url, policy, field=field, request_id=request_id)
         case "file":
-            path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
-            return _read_file(Path(path), policy, field=field, request_id=request_id)
+            parts = urllib.parse.urlsplit(url)
+            if parts.netloc.lower() not in ("", "localhost"):
+                raise BadImage(
+                    f"{field}: a file:// URL must name a local file (no host, or localhost), "
+                    f"got host {_clip(parts.netloc)!r}",
+                    request_id=request_id,
+                )
+            path = urllib.parse.unquote(parts.path)
+            return _read_file(path, policy, field=field, request_id=request_id)
         case "http" | "https":
             if not policy.allow_remote:
                 raise BadImage(
@@ -126,9 +157,8 @@ def decode_image(data: bytes, *, field: str, request_id: RequestId | None) -> Im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"{field}: {exc}", request_id=request_id) from None
     except UnidentifiedImageError:
-        raise BadImage(
-            f"{field}: not an image Pillow can decode ({len(data)} bytes)", request_id=request_id
-        ) from None
+        # no size: it would tell a sender the size of any local file that is not an image
+        raise BadImage(f"{field}: not an image Pillow can decode", request_id=request_id) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"{field}: the image is damaged: {exc}", request_id=request_id) from None
     if image.width < 1 or image.height < 1:
@@ -162,25 +192,90 @@ def _read_data_url(
 
 
 def _read_file(
-    path: Path, policy: ImagePolicy, *, field: str, request_id: RequestId | None
+    path_text: str, policy: ImagePolicy, *, field: str, request_id: RequestId | None
 ) -> bytes:
+    """The bytes of a regular file, at most the cap + 1; see the module's docstring."""
+    if "\x00" in path_text:
+        raise BadImage(f"{field}: the file path contains a NUL byte", request_id=request_id)
+    path = Path(path_text)
     if not path.is_absolute():
         raise BadImage(f"{field}: a file path must be absolute, got {path}", request_id=request_id)
+    if policy.roots and not _inside_roots(os.path.realpath(path), policy.roots):
+        raise _outside_roots(field, path, request_id)
     try:
-        with path.open("rb") as f:
-            data = f.read(policy.max_bytes + 1)
+        # stat first, so that a device is refused without being opened (opening
+        # one can have effects); fstat below is what decides
+        _require_regular(os.stat(path).st_mode, field, path, request_id)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BadImage(f"{field}: no such file: {path}", request_id=request_id) from None
-    except IsADirectoryError:
-        raise BadImage(f"{field}: {path} is a directory", request_id=request_id) from None
     except OSError as exc:
         raise BadImage(
             f"{field}: cannot read {path}: {exc.strerror or exc}", request_id=request_id
         ) from None
+    try:
+        _require_regular(os.fstat(fd).st_mode, field, path, request_id)
+        if policy.roots and not _inside_roots(_opened_path(fd, path), policy.roots):
+            raise _outside_roots(field, path, request_id)  # a symlink swapped after the check
+        data = _read_at_most(fd, policy.max_bytes + 1)
+    except OSError as exc:
+        raise BadImage(
+            f"{field}: cannot read {path}: {exc.strerror or exc}", request_id=request_id
+        ) from None
+    finally:
+        os.close(fd)
     if len(data) > policy.max_bytes:
-        size = path.stat().st_size if path.exists() else len(data)
-        raise _too_large(field, size, policy, request_id)
+        raise _too_large(field, len(data), policy, request_id)
     return data
+
+
+def _require_regular(mode: int, field: str, path: Path, request_id: RequestId | None) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    raise BadImage(
+        f"{field}: {path} is {kind}; images are read from regular files only",
+        request_id=request_id,
+    )
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file open on ``fd``, as the kernel knows it."""
+    try:
+        if sys.platform == "linux":
+            return os.readlink(f"/proc/self/fd/{fd}")
+        if sys.platform == "darwin":
+            import fcntl
+
+            raw = fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024))
+            return os.fsdecode(raw.split(b"\0", 1)[0])
+    except OSError:
+        pass  # no /proc (a bare container): the check made before opening stands
+    return os.path.realpath(path)
+
+
+def _inside_roots(real: str, roots: tuple[str, ...]) -> bool:
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _outside_roots(field: str, path: Path, request_id: RequestId | None) -> Forbidden:
+    # the path as given: not whether it exists, nor where its symlinks lead
+    return Forbidden(
+        f"{field}: {path} is outside the directories this worker reads images from (--image-root)",
+        request_id=request_id,
+    )
 
 
 def _fetch(url: str, policy: ImagePolicy, *, field: str, request_id: RequestId | None) -> bytes:

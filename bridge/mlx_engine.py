@@ -35,6 +35,7 @@ from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCach
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .prompt_tokens import encode_prompt
+from .remote_code import CodeGuard, remote_code_allowed
 from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 
 if TYPE_CHECKING:
@@ -95,8 +96,10 @@ class MlxLmEngine:
         memory_budget: int | None = None,
         prompt_cache_entries: int = DEFAULT_MAX_ENTRIES,
         prompt_cache_bytes: int = DEFAULT_MAX_BYTES,
+        trust_remote_code: bool = False,
     ) -> None:
         self._prefill_step_size = prefill_step_size
+        self._trust_remote_code = trust_remote_code  # --trust-remote-code
         self._memory_budget = memory_budget
         self._loaded: _Loaded | None = None
         self._caches = PromptCacheStore(
@@ -110,6 +113,7 @@ class MlxLmEngine:
         import mlx_lm  # noqa: F401
 
     def load(self, request: Load) -> ModelFacts:
+        trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory = resolve_model_dir(request.path)
         needed = weights_bytes(directory)
         check_fits(needed, self._available_memory(), force=request.force)
@@ -118,13 +122,16 @@ class MlxLmEngine:
         import mlx_lm
 
         try:
-            model, tokenizer, config = mlx_lm.load(
-                str(directory),
-                adapter_path=request.adapter_path,
-                tokenizer_config={"trust_remote_code": True} if request.trust_remote_code else None,
-                return_config=True,
-                trust_remote_code=request.trust_remote_code,
-            )
+            with CodeGuard(directory, allowed=trust, request_id=request.id):
+                model, tokenizer, config = mlx_lm.load(
+                    str(directory),
+                    adapter_path=request.adapter_path,
+                    tokenizer_config={"trust_remote_code": trust},
+                    return_config=True,
+                    trust_remote_code=trust,
+                )
+        except LoadFailed:
+            raise
         except Exception as exc:
             raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
         facts = model_facts(model, config, path=str(directory), context_len=request.context_len)

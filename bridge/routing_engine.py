@@ -28,6 +28,7 @@ from .engine import Engine, Prepared, ShouldAbort, Step
 from .mlx_memory import available_memory
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .model_kind import ModelKind, kind_of
+from .remote_code import remote_code_allowed
 
 VisionFactory = Callable[[], Engine]
 
@@ -40,6 +41,7 @@ class RoutingEngine:
         *,
         memory_budget: int | None = None,
         require_vision: Callable[[str], None] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         """``vision`` builds the vision engine on first use;
         ``require_vision(path)`` raises ``load_failed`` when the vision
@@ -50,6 +52,7 @@ class RoutingEngine:
         self._memory_budget = memory_budget
         self._require_vision = require_vision or _require_mlx_vlm
         self._current: Engine = text
+        self._trust_remote_code = trust_remote_code  # --trust-remote-code
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -57,6 +60,8 @@ class RoutingEngine:
         self._text.warm_up()
 
     def load(self, request: Load) -> ModelFacts:
+        # before anything is read: a request may not turn on remote code by itself
+        remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory = resolve_model_dir(request.path)
         kind = kind_of(directory)
         target = self._vision_engine() if kind is ModelKind.VISION else self._text

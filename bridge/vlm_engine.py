@@ -55,6 +55,7 @@ from .mlx_memory import available_memory, clear_streams, free_cache, memory_stat
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .prompt_tokens import encode_prompt
+from .remote_code import CodeGuard, remote_code_allowed
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -110,8 +111,10 @@ class MlxVlmEngine:
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
         memory_budget: int | None = None,
         images: ImagePolicy | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self._prefill_step_size = prefill_step_size
+        self._trust_remote_code = trust_remote_code  # --trust-remote-code
         self._memory_budget = memory_budget
         self._images = images or ImagePolicy()
         self._loaded: _Loaded | None = None
@@ -122,6 +125,7 @@ class MlxVlmEngine:
         import mlx.core  # noqa: F401
 
     def load(self, request: Load) -> ModelFacts:
+        trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory = resolve_model_dir(request.path)
         needed = weights_bytes(directory)
         check_fits(needed, self._available_memory(), force=request.force)
@@ -131,12 +135,16 @@ class MlxVlmEngine:
         import mlx_vlm
         from mlx_vlm.utils import load_config
 
-        kwargs: dict[str, Any] = {"trust_remote_code": True} if request.trust_remote_code else {}
         try:
-            model, processor = mlx_vlm.load(
-                str(directory), adapter_path=request.adapter_path, **kwargs
-            )
+            # mlx-vlm hands its keyword arguments to the processor's loading, whose
+            # default is to trust: pass False explicitly, and guard what ignores it.
+            with CodeGuard(directory, allowed=trust, request_id=request.id):
+                model, processor = mlx_vlm.load(
+                    str(directory), adapter_path=request.adapter_path, trust_remote_code=trust
+                )
             config = load_config(directory)
+        except LoadFailed:
+            raise
         except Exception as exc:
             raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
         facts = replace(

@@ -8,6 +8,7 @@ vision code; ``cli`` calls :func:`add_vision_options` on its parser and
 from __future__ import annotations
 
 import argparse
+import os
 
 from .cli import positive_int
 from .engine import Engine
@@ -21,7 +22,19 @@ def add_vision_options(p: argparse.ArgumentParser) -> None:
         "--allow-remote-images",
         action="store_true",
         help="let chat image parts be http(s) URLs, which the worker then fetches "
-        "(default: refused with bad_image)",
+        "(default: refused with bad_image; keep it off when the worker serves end users' "
+        "messages)",
+    )
+    group.add_argument(
+        "--image-root",
+        action="append",
+        type=image_root,
+        default=[],
+        metavar="DIR",
+        help="read local images (file paths and file:// URLs) only from inside DIR, after "
+        "resolving symlinks and '..'; others are refused with forbidden. Repeatable. "
+        "Default: any absolute path the worker can read (regular files only); a host "
+        "that forwards end users' messages should set it",
     )
     group.add_argument(
         "--max-image-bytes",
@@ -46,7 +59,18 @@ def image_policy(args: argparse.Namespace) -> ImagePolicy:
         max_bytes=args.max_image_bytes,
         max_images=args.max_images,
         allow_remote=args.allow_remote_images,
+        roots=tuple(args.image_root),
     )
+
+
+def image_root(text: str) -> str:
+    """An existing directory, as its real path (symlinks and '..' resolved)."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("contains a NUL byte")
+    real = os.path.realpath(os.path.expanduser(text))
+    if not os.path.isdir(real):
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    return real
 
 
 def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
@@ -61,6 +85,9 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
             prefill_step_size=args.prefill_step_size,
             memory_budget=args.memory_budget,
             images=policy,
+            trust_remote_code=args.trust_remote_code,
         )
 
-    return RoutingEngine(text, vision, memory_budget=args.memory_budget)
+    return RoutingEngine(
+        text, vision, memory_budget=args.memory_budget, trust_remote_code=args.trust_remote_code
+    )
