@@ -64,6 +64,7 @@ class AsyncChild:
         self.stderr = StderrLog(pid=self.pid, tail_bytes=settings.stderr_tail_bytes)
         self.closing = False
         self.kill_reason: str | None = None
+        self.kill_error: ErrorFactory | None = None
         self.exited = asyncio.Event()
         self.handled = asyncio.Event()  # set by the owner once it has dealt with the exit
         self._on_exit = on_exit
@@ -174,6 +175,7 @@ class AsyncChild:
             returncode,
             closing=self.closing,
             kill_reason=self.kill_reason,
+            kill_error=self.kill_error,
             stderr_tail=self.stderr.tail,
         )
 
@@ -186,10 +188,14 @@ class AsyncChild:
             except ProcessLookupError:
                 pass
 
-    def kill(self, reason: str) -> None:
-        """SIGKILL now; the stdout task then reports the death as usual."""
+    def kill(self, reason: str, error: ErrorFactory | None = None) -> None:
+        """SIGKILL now; the stdout task then reports the death as usual.
+        ``error`` is the cause of death; see ``SyncChild.kill``."""
         if self.kill_reason is None:
-            self.kill_reason = reason
+            self.kill_error = error
+            self.kill_reason = reason  # from here on ``ready()`` waits for the exit
+            if error is not None:
+                self.core.fail_all(error, close=True)
         self._signal(signal.SIGKILL)
 
     async def _wait(self, timeout: float) -> bool:

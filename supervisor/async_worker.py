@@ -53,7 +53,7 @@ from .lifecycle import (
     expect,
     fixed_error,
     hello_timeout_error,
-    memory_error,
+    memory_verdict,
     restart_refusal,
     timed_out_error,
 )
@@ -266,15 +266,13 @@ class AsyncSupervision:
         while True:
             await asyncio.sleep(self.settings.memory_poll_interval)
             child = self._child if self._state is State.READY else None
-            if child is None or child.exited.is_set():
+            if child is None or child.dying:
                 continue
-            rss = child.probe.rss()
-            if rss is None or rss <= limit:
-                continue
-            message, over = memory_error(child.pid, rss, limit)
-            log.error("%s; killing it", message)
-            child.core.fail_all(over, close=True)
-            child.kill(message)
+            verdict = memory_verdict(child.probe, limit)
+            if verdict is not None:
+                reason, error = verdict
+                log.error("%s", reason)
+                child.kill(reason, error)
 
     async def stats(self) -> WorkerStats:
         child = await self.ready()

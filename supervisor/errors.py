@@ -12,7 +12,10 @@
 
 Every in-flight stream ends with exactly one of these or with its result; a
 request made after the worker is gone raises ``WorkerClosed`` (closed by the
-host) or ``WorkerCrashed`` (died, and no restart was allowed).
+host), ``WorkerCrashed`` (died, and no restart was allowed) or, when the
+supervisor killed it for its memory, ``MemoryLimitExceeded``: the cause of
+death is recorded before the kill, so a request that starts after the kill
+decision reports it as well as the streams it cut short.
 """
 
 from __future__ import annotations
@@ -114,7 +117,10 @@ class RequestError(SupervisorError):
 
 
 class MemoryLimitExceeded(SupervisorError):
-    """The worker's resident memory went over the configured limit."""
+    """The worker's resident memory (``rss_bytes``) went over the configured
+    ``limit_bytes``, and the supervisor killed it. Raised by the requests in
+    flight then, and by every request after (until a restart policy has
+    brought up a new worker)."""
 
     def __init__(
         self,

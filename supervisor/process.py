@@ -83,10 +83,12 @@ class SyncChild:
         self.stderr = StderrLog(pid=self.pid, tail_bytes=settings.stderr_tail_bytes)
         self.closing = False
         self.kill_reason: str | None = None
+        self.kill_error: ErrorFactory | None = None
         self.exited = threading.Event()
         self.handled = False  # set by the owner once it has dealt with the exit
         self._on_exit = on_exit
         self._write_lock = threading.Lock()
+        self._kill_lock = threading.Lock()
         self._stderr_thread = threading.Thread(
             target=self._drain_stderr, name=f"supervisor-stderr-{self.pid}", daemon=True
         )
@@ -190,15 +192,26 @@ class SyncChild:
             returncode,
             closing=self.closing,
             kill_reason=self.kill_reason,
+            kill_error=self.kill_error,
             stderr_tail=self.stderr.tail,
         )
 
     # -- ending ---------------------------------------------------------------------
 
-    def kill(self, reason: str) -> None:
-        """SIGKILL now; the stdout thread then reports the death as usual."""
-        if self.kill_reason is None:
-            self.kill_reason = reason
+    def kill(self, reason: str, error: ErrorFactory | None = None) -> None:
+        """SIGKILL now; the stdout thread then reports the death as usual.
+
+        ``error``, if given, is the cause of death, recorded before the signal
+        is sent: the requests in flight fail with it at once, the core refuses
+        new ones with it, and the exit is reported with it rather than as a
+        crash, so every later request of this worker raises it too."""
+        with self._kill_lock:
+            first = self.kill_reason is None
+            if first:
+                self.kill_error = error
+                self.kill_reason = reason  # from here on ``ready()`` waits for the exit
+        if first and error is not None:
+            self.core.fail_all(error, close=True)
         try:
             self.proc.kill()
         except OSError:
