@@ -38,7 +38,7 @@ class AsyncChild:
     async def spawn(cls, settings: Settings, on_exit: OnExit) -> AsyncChild:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *settings.command,
+                *settings.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

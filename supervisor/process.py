@@ -62,7 +62,7 @@ class SyncChild:
         self.core = WorkerCore(max_line_bytes=settings.max_line_bytes)
         try:
             self.proc = subprocess.Popen(
-                list(settings.command),
+                list(settings.argv),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -39,6 +39,7 @@ from protocol.replies import (
 from . import commands
 from .core import ErrorFactory
 from .errors import (
+    InvalidArgument,
     RequestError,
     SupervisorError,
     WorkerClosed,
@@ -59,7 +60,7 @@ from .lifecycle import (
 from .process import SyncChild
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
-from .settings import USE_DEFAULT, Settings, Timeout, command_of, optional_path
+from .settings import USE_DEFAULT, Settings, Timeout, optional_path, roots_of, worker_command
 from .stream import ReplySink, Stream
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class Supervision:
         """Spawn a child and make it current (lock held)."""
         child = SyncChild(self.settings, self._child_exited)
         self._child = child
-        log.info("worker %d started: %s", child.pid, " ".join(self.settings.command))
+        log.info("worker %d started: %s", child.pid, " ".join(self.settings.argv))
         return child
 
     def _handshake(self, child: SyncChild) -> HelloReply:
@@ -387,12 +388,17 @@ class Worker:
         memory_limit_bytes: int | None = None,
         memory_poll_interval: float = 0.5,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        model_root: str | os.PathLike[str] | None = None,
+        image_roots: Sequence[str | os.PathLike[str]] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
+        if env is not None and not isinstance(env, Mapping):
+            raise InvalidArgument(f"env: must be a mapping of strings, got {type(env).__name__}")
         self.settings = Settings(
-            command=command_of(command),
+            command=worker_command(command),
             env=dict(env) if env is not None else None,
             inherit_env=inherit_env,
-            cwd=optional_path(cwd),
+            cwd=optional_path(cwd, "cwd"),
             start_timeout=start_timeout,
             request_timeout=request_timeout,
             cancel_grace=cancel_grace,
@@ -403,13 +409,22 @@ class Worker:
             memory_limit_bytes=memory_limit_bytes,
             memory_poll_interval=memory_poll_interval,
             max_line_bytes=max_line_bytes,
+            model_root=optional_path(model_root, "model_root"),
+            image_roots=roots_of(image_roots),
+            trust_remote_code=trust_remote_code,
+        )
+        # Checked now: a bad model path spawns nothing.
+        model_fields = (
+            commands.load_fields(model, trust_remote_code=trust_remote_code)
+            if model is not None
+            else None
         )
         self._sup = Supervision(self.settings)
         self._finalizer = weakref.finalize(self, self._sup.close)
         try:
             self._sup.start()
-            if model is not None:
-                self.load(model)
+            if model_fields is not None:
+                self._load(model_fields, self.settings.request_timeout)
         except BaseException:
             self.close()
             raise
@@ -459,14 +474,17 @@ class Worker:
     ) -> Loaded:
         """Load a model (replacing the current one); it is reloaded after a restart."""
         fields = commands.load_fields(
-            os.fspath(path),
+            path,
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,
             extra=extra,
         )
-        loaded = expect(self._sup.call("load", fields, self.settings.timeout(timeout)), Loaded)
+        return self._load(fields, self.settings.timeout(timeout))
+
+    def _load(self, fields: commands.Fields, timeout: float | None) -> Loaded:
+        loaded = expect(self._sup.call("load", fields, timeout), Loaded)
         self._sup.model, self._sup.model_fields = loaded.model, fields
         return loaded
 
