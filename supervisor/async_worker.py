@@ -53,6 +53,7 @@ from .lifecycle import (
     cancel_ignored,
     expect,
     fixed_error,
+    forked_error,
     hello_timeout_error,
     memory_verdict,
     restart_refusal,
@@ -75,6 +76,7 @@ class AsyncSupervision:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._pid = os.getpid()  # a forked child's copy must leave the worker alone
         self._state = State.STARTING
         self._settled = asyncio.Event()  # clear while restarting
         self._child: AsyncChild | None = None
@@ -124,6 +126,8 @@ class AsyncSupervision:
 
     async def ready(self) -> AsyncChild:
         """See :meth:`Supervision.ready <supervisor.worker.Supervision.ready>`."""
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)(None)
         while True:
             if self._state is State.CLOSED:
                 raise WorkerClosed("the worker is closed")
@@ -293,7 +297,7 @@ class AsyncSupervision:
         return self._child
 
     async def aclose(self) -> None:
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         self._state = State.CLOSED
@@ -328,7 +332,10 @@ class AsyncSupervision:
             raise
 
     def kill_now(self) -> None:
-        """SIGKILL the live worker, from any thread; for finalizers."""
+        """SIGKILL the live worker, from any thread; for finalizers. Not from
+        a forked child of the host: the worker is the parent's."""
+        if os.getpid() != self._pid:
+            return
         child = self._child
         if child is not None and child.returncode is None:
             try:

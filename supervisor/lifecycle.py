@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from typing import Generic, Protocol, TypeVar
 
@@ -35,6 +36,7 @@ __all__ = [
     "exit_error",
     "expect",
     "fixed_error",
+    "forked_error",
     "gave_up_error",
     "hello_timeout_error",
     "memory_verdict",
@@ -170,6 +172,15 @@ def exit_error(
         return WorkerCrashed(message, exit_code=returncode, stderr_tail=stderr_tail, request_id=rid)
 
     return make
+
+
+def forked_error(owner_pid: int) -> ErrorFactory:
+    """What a forked child's copy of a worker raises: the worker is the parent's."""
+    message = (
+        f"this worker belongs to process {owner_pid}, not to this forked child "
+        f"{os.getpid()}; start a new one here"
+    )
+    return lambda rid: WorkerClosed(message, request_id=rid)
 
 
 def memory_verdict(probe: ProcessProbe, limit: int) -> tuple[str, ErrorFactory] | None:

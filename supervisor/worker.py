@@ -52,6 +52,7 @@ from .lifecycle import (
     cancel_ignored,
     expect,
     fixed_error,
+    forked_error,
     hello_timeout_error,
     memory_verdict,
     restart_refusal,
@@ -82,6 +83,7 @@ class Supervision:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._pid = os.getpid()  # a forked child's copy must leave the worker alone
         self._cond = threading.Condition()
         self._state = State.STARTING
         self._child: SyncChild | None = None
@@ -137,6 +139,8 @@ class Supervision:
         exit has been handled, so a request right after a kill goes to the
         restarted worker, or fails with the reason, instead of into the void.
         """
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)(None)
         with self._cond:
             while True:
                 if self._state is State.CLOSED:
@@ -311,7 +315,10 @@ class Supervision:
         return self._child
 
     def close(self) -> None:
-        """The close ladder on the live child, then join every thread. Idempotent."""
+        """The close ladder on the live child, then join every thread. Idempotent.
+        Nothing in a forked child of the host: the worker is the parent's."""
+        if os.getpid() != self._pid:
+            return
         with self._cond:
             if self._closed:
                 return
