@@ -374,7 +374,19 @@ class Worker:
     Every method may be called from any thread, and streams may run
     concurrently (the worker queues them). ``timeout`` arguments default to
     ``request_timeout``: the longest wait for the next line of that request.
-    See :class:`~supervisor.settings.Settings` for the other knobs.
+    ``model_root``, ``image_roots`` and ``trust_remote_code`` start the
+    worker with its ``--model-root``, ``--image-root`` and
+    ``--trust-remote-code`` flags; with ``trust_remote_code`` the ``model``
+    given here is also loaded asking for it. See
+    :class:`~supervisor.settings.Settings` for these and the other knobs.
+
+    Every argument, here and in every method, is checked before anything is
+    spawned or sent: a bad one raises :class:`~supervisor.errors.InvalidArgument`
+    naming it (request fields are checked by the protocol's own parser).
+
+    A child process forked by the host closes its copies of the worker's
+    pipes (:mod:`supervisor.forks`), and its copy of this object refuses
+    requests with ``WorkerClosed`` and never quits or kills the worker.
     """
 
     def __init__(
