@@ -67,7 +67,10 @@ _PATH_FIELDS = {"load": ("path", "adapter_path"), "inspect": ("dir",)}
 def checked(cmd: str, fields: Mapping[str, object]) -> Fields:
     """``fields`` as the JSON the worker will read, refused with
     :class:`InvalidArgument` unless the protocol's parser accepts them."""
-    data = arguments.json_value(fields, "")
+    try:
+        data = arguments.json_value(fields, "")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{cmd}: {exc.message}") from None
     assert isinstance(data, dict)
     for key in _PATH_FIELDS.get(cmd, ()):
         value = data.get(key)
