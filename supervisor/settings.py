@@ -72,7 +72,8 @@ class Settings:
       directories under DIR (others fail with ``forbidden``);
     - ``image_roots``: ``--image-root=DIR`` for each: local image paths must
       lie under one of them. A host that forwards end users' chat messages
-      should set one (or none that exists) so that users cannot name files;
+      should set it (to a directory holding only what users may show the
+      model), so that a message cannot name the host's files;
     - ``trust_remote_code``: ``--trust-remote-code``: a model directory's
       own Python code may run, for a ``load`` that also asks for it
       (``Worker.load(..., trust_remote_code=True)``). Off by default.
