@@ -20,6 +20,7 @@ from protocol.replies import (
 from .async_stream import AsyncStream
 from .async_worker import AsyncWorker
 from .errors import (
+    InvalidArgument,
     MemoryLimitExceeded,
     ProtocolError,
     RequestError,
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncWorker",
     "HelloReply",
     "InfoReply",
+    "InvalidArgument",
     "Loaded",
     "MemoryLimitExceeded",
     "MemoryStats",

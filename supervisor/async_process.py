@@ -19,9 +19,17 @@ import os
 import signal
 from collections.abc import Callable
 
+from . import forks
 from .core import ErrorFactory, WorkerCore
 from .errors import WorkerCrashed
-from .lifecycle import EXIT_AFTER_EOF_S, JOIN_TIMEOUT_S, READ_CHUNK, STDERR_SETTLE_S, exit_error
+from .lifecycle import (
+    EXIT_AFTER_EOF_S,
+    JOIN_TIMEOUT_S,
+    READ_CHUNK,
+    STDERR_SETTLE_S,
+    exit_error,
+    forked_error,
+)
 from .probe import ProcessProbe
 from .settings import Settings
 from .stderr import StderrLog
@@ -38,7 +46,7 @@ class AsyncChild:
     async def spawn(cls, settings: Settings, on_exit: OnExit) -> AsyncChild:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *settings.command,
+                *settings.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -60,10 +68,14 @@ class AsyncChild:
         self.proc = proc
         self.pid = proc.pid
         self.core = WorkerCore(max_line_bytes=settings.max_line_bytes)
+        self._owner_pid = os.getpid()
+        self.forked = False  # True in a forked child of the host, whose copy this is
+        forks.track(self)
         self.probe = ProcessProbe(self.pid)
         self.stderr = StderrLog(pid=self.pid, tail_bytes=settings.stderr_tail_bytes)
         self.closing = False
         self.kill_reason: str | None = None
+        self.kill_error: ErrorFactory | None = None
         self.exited = asyncio.Event()
         self.handled = asyncio.Event()  # set by the owner once it has dealt with the exit
         self._on_exit = on_exit
@@ -88,6 +100,8 @@ class AsyncChild:
 
     def send(self, line: bytes) -> bool:
         """Queue one line for writing; False if stdin is gone."""
+        if self.forked:
+            return False
         stdin = self.proc.stdin
         if stdin is None or stdin.is_closing() or self.exited.is_set():
             return False
@@ -174,22 +188,50 @@ class AsyncChild:
             returncode,
             closing=self.closing,
             kill_reason=self.kill_reason,
+            kill_error=self.kill_error,
             stderr_tail=self.stderr.tail,
         )
 
     # -- ending ---------------------------------------------------------------------
 
+    def forget_after_fork(self) -> None:
+        """In a forked child of the host (see :mod:`supervisor.forks`): close
+        this process's copies of the three pipes (the pipe files under the
+        transports; the event loop is the parent's and is left alone), refuse
+        requests, and never write to or signal the worker."""
+        self.forked = True
+        self.core.after_fork(forked_error(self._owner_pid))
+        transport = getattr(self.proc, "_transport", None)
+        if not isinstance(transport, asyncio.SubprocessTransport):
+            return
+        for fd in (0, 1, 2):
+            pipe_transport = transport.get_pipe_transport(fd)
+            pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
     def _signal(self, signum: int) -> None:
+        if self.forked:
+            return  # the parent's worker: not ours to signal
         if self.proc.returncode is None:
             try:
                 os.kill(self.pid, signum)
             except ProcessLookupError:
                 pass
 
-    def kill(self, reason: str) -> None:
-        """SIGKILL now; the stdout task then reports the death as usual."""
+    def kill(self, reason: str, error: ErrorFactory | None = None) -> None:
+        """SIGKILL now; the stdout task then reports the death as usual.
+        ``error`` is the cause of death; see ``SyncChild.kill``."""
+        if self.forked:
+            return  # the parent's worker: not ours to kill
         if self.kill_reason is None:
-            self.kill_reason = reason
+            self.kill_error = error
+            self.kill_reason = reason  # from here on ``ready()`` waits for the exit
+            if error is not None:
+                self.core.fail_all(error, close=True)
         self._signal(signal.SIGKILL)
 
     async def _wait(self, timeout: float) -> bool:
@@ -202,6 +244,8 @@ class AsyncChild:
     async def close(self, quit_line: bytes | None) -> None:
         """The close ladder (quit, SIGTERM, SIGKILL; see ``SyncChild.close``).
         If this coroutine is cancelled on the way, the worker is killed."""
+        if self.forked:
+            return
         s = self.settings
         self.closing = self.closing or self.proc.returncode is None
         try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from protocol.fields import JsonValue
 from protocol.replies import Done, Reply
 
+from . import arguments
 from .errors import SupervisorError
 from .lifecycle import ReplyBox
 from .results import StreamResult, Token
@@ -169,6 +170,7 @@ class AsyncStream:
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end (no more than ``timeout`` seconds); True if ended."""
+        timeout = arguments.seconds("timeout", timeout, none_ok=True)
         await self._send()
         return await _wait_event(self._ended, timeout)
 

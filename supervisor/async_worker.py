@@ -40,6 +40,7 @@ from .async_process import AsyncChild
 from .async_stream import AsyncReplySink, AsyncStream
 from .core import ErrorFactory
 from .errors import (
+    InvalidArgument,
     RequestError,
     SupervisorError,
     WorkerClosed,
@@ -52,14 +53,15 @@ from .lifecycle import (
     cancel_ignored,
     expect,
     fixed_error,
+    forked_error,
     hello_timeout_error,
-    memory_error,
+    memory_verdict,
     restart_refusal,
     timed_out_error,
 )
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
-from .settings import USE_DEFAULT, Settings, Timeout, command_of, optional_path
+from .settings import USE_DEFAULT, Settings, Timeout, optional_path, roots_of, worker_command
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -74,6 +76,7 @@ class AsyncSupervision:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._pid = os.getpid()  # a forked child's copy must leave the worker alone
         self._state = State.STARTING
         self._settled = asyncio.Event()  # clear while restarting
         self._child: AsyncChild | None = None
@@ -106,7 +109,7 @@ class AsyncSupervision:
             await child.close(None)
             raise WorkerClosed("the worker is closed")
         self._child = child
-        log.info("worker %d started: %s", child.pid, " ".join(self.settings.command))
+        log.info("worker %d started: %s", child.pid, " ".join(self.settings.argv))
         return child
 
     async def _handshake(self, child: AsyncChild) -> HelloReply:
@@ -123,6 +126,8 @@ class AsyncSupervision:
 
     async def ready(self) -> AsyncChild:
         """See :meth:`Supervision.ready <supervisor.worker.Supervision.ready>`."""
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)(None)
         while True:
             if self._state is State.CLOSED:
                 raise WorkerClosed("the worker is closed")
@@ -266,15 +271,13 @@ class AsyncSupervision:
         while True:
             await asyncio.sleep(self.settings.memory_poll_interval)
             child = self._child if self._state is State.READY else None
-            if child is None or child.exited.is_set():
+            if child is None or child.dying:
                 continue
-            rss = child.probe.rss()
-            if rss is None or rss <= limit:
-                continue
-            message, over = memory_error(child.pid, rss, limit)
-            log.error("%s; killing it", message)
-            child.core.fail_all(over, close=True)
-            child.kill(message)
+            verdict = memory_verdict(child.probe, limit)
+            if verdict is not None:
+                reason, error = verdict
+                log.error("%s", reason)
+                child.kill(reason, error)
 
     async def stats(self) -> WorkerStats:
         child = await self.ready()
@@ -294,7 +297,7 @@ class AsyncSupervision:
         return self._child
 
     async def aclose(self) -> None:
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         self._state = State.CLOSED
@@ -329,7 +332,10 @@ class AsyncSupervision:
             raise
 
     def kill_now(self) -> None:
-        """SIGKILL the live worker, from any thread; for finalizers."""
+        """SIGKILL the live worker, from any thread; for finalizers. Not from
+        a forked child of the host: the worker is the parent's."""
+        if os.getpid() != self._pid:
+            return
         child = self._child
         if child is not None and child.returncode is None:
             try:
@@ -378,12 +384,17 @@ class AsyncWorker:
         memory_limit_bytes: int | None = None,
         memory_poll_interval: float = 0.5,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        model_root: str | os.PathLike[str] | None = None,
+        image_roots: Sequence[str | os.PathLike[str]] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
+        if env is not None and not isinstance(env, Mapping):
+            raise InvalidArgument(f"env: must be a mapping of strings, got {type(env).__name__}")
         self.settings = Settings(
-            command=command_of(command),
+            command=worker_command(command),
             env=dict(env) if env is not None else None,
             inherit_env=inherit_env,
-            cwd=optional_path(cwd),
+            cwd=optional_path(cwd, "cwd"),
             start_timeout=start_timeout,
             request_timeout=request_timeout,
             cancel_grace=cancel_grace,
@@ -394,8 +405,17 @@ class AsyncWorker:
             memory_limit_bytes=memory_limit_bytes,
             memory_poll_interval=memory_poll_interval,
             max_line_bytes=max_line_bytes,
+            model_root=optional_path(model_root, "model_root"),
+            image_roots=roots_of(image_roots),
+            trust_remote_code=trust_remote_code,
         )
-        self._model = optional_path(model)
+        # Checked now: a bad model path spawns nothing.
+        model_fields = (
+            commands.load_fields(model, trust_remote_code=trust_remote_code)
+            if model is not None
+            else None
+        )
+        self._model_fields = model_fields
         self._sup = AsyncSupervision(self.settings)
         self._finalizer = weakref.finalize(self, _kill_forgotten, self._sup)
 
@@ -403,8 +423,8 @@ class AsyncWorker:
         """Spawn the worker, wait for its ``hello``, load ``model`` if given."""
         try:
             await self._sup.start()
-            if self._model is not None:
-                await self.load(self._model)
+            if self._model_fields is not None:
+                await self._load(self._model_fields, self.settings.request_timeout)
         except BaseException:
             await self.aclose()
             raise
@@ -453,15 +473,17 @@ class AsyncWorker:
         extra: commands.Extra | None = None,
     ) -> Loaded:
         fields = commands.load_fields(
-            os.fspath(path),
+            path,
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,
             extra=extra,
         )
-        reply = await self._sup.call("load", fields, self.settings.timeout(timeout))
-        loaded = expect(reply, Loaded)
+        return await self._load(fields, self.settings.timeout(timeout))
+
+    async def _load(self, fields: commands.Fields, timeout: float | None) -> Loaded:
+        loaded = expect(await self._sup.call("load", fields, timeout), Loaded)
         self._sup.model, self._sup.model_fields = loaded.model, fields
         return loaded
 

@@ -155,6 +155,17 @@ class WorkerCore:
             self._pending[rid] = _Pending(rid, cmd, sink)
         return rid, line
 
+    def after_fork(self, make_error: ErrorFactory) -> None:
+        """In a forked child of the host (see :mod:`supervisor.forks`): refuse
+        every request with ``make_error`` and forget the parent's. Takes a new
+        lock instead of the old one, which a thread that did not survive the
+        fork may hold."""
+        self._lock = threading.RLock()
+        self._closed = make_error
+        self._pending = {}
+        self._abandoned = set()
+        self._cancels = []
+
     @staticmethod
     def cancel_line(rid: RequestId) -> bytes:
         return encode_wire({"cmd": "cancel", "id": rid})

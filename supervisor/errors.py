@@ -6,13 +6,18 @@
     ├── ProtocolError           the worker broke the protocol: a non-JSON line, an
     │                           unknown id, a line over the limit, a malformed reply
     ├── RequestError            the worker answered with an error: .code, .message
-    │                           (``__cause__`` is the matching protocol.errors class)
+    │   │                       (``__cause__`` is the matching protocol.errors class)
+    │   └── InvalidArgument     a bad argument, refused before anything was sent (or
+    │                           spawned): code ``invalid_request``, also a ValueError
     ├── MemoryLimitExceeded     the worker's RSS went over memory_limit_bytes
     └── WorkerClosed            the worker was closed before the request ended
 
 Every in-flight stream ends with exactly one of these or with its result; a
 request made after the worker is gone raises ``WorkerClosed`` (closed by the
-host) or ``WorkerCrashed`` (died, and no restart was allowed).
+host), ``WorkerCrashed`` (died, and no restart was allowed) or, when the
+supervisor killed it for its memory, ``MemoryLimitExceeded``: the cause of
+death is recorded before the kill, so a request that starts after the kill
+decision reports it as well as the streams it cut short.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal as _signal
 from protocol.errors import RequestId, WireError, error_from_code
 
 __all__ = [
+    "InvalidArgument",
     "MemoryLimitExceeded",
     "ProtocolError",
     "RequestError",
@@ -113,8 +119,25 @@ class RequestError(SupervisorError):
         return f"{self.code}: {self.message}"
 
 
+class InvalidArgument(RequestError, ValueError):
+    """An argument of a ``Worker`` or ``AsyncWorker`` method (or constructor)
+    that the supervisor refused before sending or spawning anything: a wrong
+    type, a value out of the protocol's range (checked by the protocol's own
+    request parser), a number JSON cannot carry exactly (NaN, infinity, an
+    integer over 64 bits), a NUL byte in a path, an unknown option. The
+    message names the argument. ``code`` is ``invalid_request``, what the
+    worker would have answered, so ``except RequestError`` code that checks
+    the code keeps working; it is also a ``ValueError``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_request", message)
+
+
 class MemoryLimitExceeded(SupervisorError):
-    """The worker's resident memory went over the configured limit."""
+    """The worker's resident memory (``rss_bytes``) went over the configured
+    ``limit_bytes``, and the supervisor killed it. Raised by the requests in
+    flight then, and by every request after (until a restart policy has
+    brought up a new worker)."""
 
     def __init__(
         self,

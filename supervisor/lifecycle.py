@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from typing import Generic, Protocol, TypeVar
 
@@ -22,6 +23,7 @@ from protocol.replies import HelloReply, Reply
 
 from .core import ErrorFactory, WorkerCore
 from .errors import MemoryLimitExceeded, SupervisorError, WorkerClosed, WorkerCrashed, WorkerTimeout
+from .probe import ProcessProbe
 from .restart import RestartGuard
 from .results import Token
 
@@ -34,9 +36,10 @@ __all__ = [
     "exit_error",
     "expect",
     "fixed_error",
+    "forked_error",
     "gave_up_error",
     "hello_timeout_error",
-    "memory_error",
+    "memory_verdict",
     "restart_refusal",
     "timed_out_error",
 ]
@@ -144,12 +147,22 @@ def gave_up_error(guard: RestartGuard, make_error: ErrorFactory) -> ErrorFactory
 
 
 def exit_error(
-    pid: int, returncode: int, *, closing: bool, kill_reason: str | None, stderr_tail: str
+    pid: int,
+    returncode: int,
+    *,
+    closing: bool,
+    kill_reason: str | None,
+    kill_error: ErrorFactory | None = None,
+    stderr_tail: str,
 ) -> ErrorFactory:
     """What the requests of a child that ended fail with: ``WorkerClosed`` if
-    the host was closing it, else ``WorkerCrashed`` with the exit code and tail."""
+    the host was closing it; the cause the supervisor recorded when it killed
+    the child with one (``MemoryLimitExceeded``), so that every later request
+    reports that cause too; else ``WorkerCrashed`` with the exit code and tail."""
     if closing:
         return lambda rid: WorkerClosed("the worker was closed", request_id=rid)
+    if kill_error is not None:
+        return kill_error
     if kill_reason is not None:
         message = f"worker {pid} was killed by the supervisor: {kill_reason}"
     else:
@@ -161,8 +174,25 @@ def exit_error(
     return make
 
 
-def memory_error(pid: int, rss: int, limit: int) -> tuple[str, ErrorFactory]:
-    message = f"worker {pid} uses {rss} bytes of memory, over the limit of {limit} bytes"
+def forked_error(owner_pid: int) -> ErrorFactory:
+    """What a forked child's copy of a worker raises: the worker is the parent's."""
+    message = (
+        f"this worker belongs to process {owner_pid}, not to this forked child "
+        f"{os.getpid()}; start a new one here"
+    )
+    return lambda rid: WorkerClosed(message, request_id=rid)
+
+
+def memory_verdict(probe: ProcessProbe, limit: int) -> tuple[str, ErrorFactory] | None:
+    """None while the child's RSS is within ``limit`` (or it is gone); else
+    the reason to kill it and the error every request fails with from then on."""
+    rss = probe.rss()
+    if rss is None or rss <= limit:
+        return None
+    message = (
+        f"worker {probe.pid} uses {rss} bytes of memory, over the limit of {limit} bytes; "
+        "the supervisor killed it"
+    )
 
     def make(rid: RequestId | None) -> SupervisorError:
         return MemoryLimitExceeded(message, rss_bytes=rss, limit_bytes=limit, request_id=rid)

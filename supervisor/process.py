@@ -10,9 +10,9 @@ and reports the exit to its owner, all within milliseconds of the death.
 
 The child runs in its own session (``start_new_session``), so a Ctrl-C in
 the host's terminal reaches the host, which then closes the worker in order.
-If the host dies, the worker's stdin closes and it exits by itself; no
-``PR_SET_PDEATHSIG`` is set, because ``preexec_fn`` is unsafe in a process
-that already runs threads.
+If the host dies, the worker's stdin closes and it exits by itself, even if
+the host had forked: a forked child closes its copies of the pipes at once
+(:mod:`supervisor.forks`, which also says why no ``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,17 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
 
+from . import forks
 from .core import ErrorFactory, WorkerCore
 from .errors import WorkerCrashed
-from .lifecycle import EXIT_AFTER_EOF_S, JOIN_TIMEOUT_S, READ_CHUNK, STDERR_SETTLE_S, exit_error
+from .lifecycle import (
+    EXIT_AFTER_EOF_S,
+    JOIN_TIMEOUT_S,
+    READ_CHUNK,
+    STDERR_SETTLE_S,
+    exit_error,
+    forked_error,
+)
 from .probe import ProcessProbe
 from .settings import Settings
 from .stderr import StderrLog
@@ -62,7 +70,7 @@ class SyncChild:
         self.core = WorkerCore(max_line_bytes=settings.max_line_bytes)
         try:
             self.proc = subprocess.Popen(
-                list(settings.command),
+                list(settings.argv),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -77,16 +85,21 @@ class SyncChild:
                 f"could not start the worker {settings.command[0]!r}: {exc}", exit_code=None
             ) from exc
         self.pid = self.proc.pid
+        self._owner_pid = os.getpid()
+        self.forked = False  # True in a forked child of the host, whose copy this is
+        forks.track(self)
         assert self.proc.stdout is not None
         widen_pipe(self.proc.stdout.fileno())
         self.probe = ProcessProbe(self.pid)
         self.stderr = StderrLog(pid=self.pid, tail_bytes=settings.stderr_tail_bytes)
         self.closing = False
         self.kill_reason: str | None = None
+        self.kill_error: ErrorFactory | None = None
         self.exited = threading.Event()
         self.handled = False  # set by the owner once it has dealt with the exit
         self._on_exit = on_exit
         self._write_lock = threading.Lock()
+        self._kill_lock = threading.Lock()
         self._stderr_thread = threading.Thread(
             target=self._drain_stderr, name=f"supervisor-stderr-{self.pid}", daemon=True
         )
@@ -110,6 +123,8 @@ class SyncChild:
     def send(self, line: bytes) -> bool:
         """Write one line; False if the worker's stdin is gone (its death is
         reported by the stdout thread, not here)."""
+        if self.forked:
+            return False
         with self._write_lock:
             stdin = self.proc.stdin
             if stdin is None or stdin.closed:
@@ -190,15 +205,28 @@ class SyncChild:
             returncode,
             closing=self.closing,
             kill_reason=self.kill_reason,
+            kill_error=self.kill_error,
             stderr_tail=self.stderr.tail,
         )
 
     # -- ending ---------------------------------------------------------------------
 
-    def kill(self, reason: str) -> None:
-        """SIGKILL now; the stdout thread then reports the death as usual."""
-        if self.kill_reason is None:
-            self.kill_reason = reason
+    def kill(self, reason: str, error: ErrorFactory | None = None) -> None:
+        """SIGKILL now; the stdout thread then reports the death as usual.
+
+        ``error``, if given, is the cause of death, recorded before the signal
+        is sent: the requests in flight fail with it at once, the core refuses
+        new ones with it, and the exit is reported with it rather than as a
+        crash, so every later request of this worker raises it too."""
+        if self.forked:
+            return  # the parent's worker: not ours to kill
+        with self._kill_lock:
+            first = self.kill_reason is None
+            if first:
+                self.kill_error = error
+                self.kill_reason = reason  # from here on ``ready()`` waits for the exit
+        if first and error is not None:
+            self.core.fail_all(error, close=True)
         try:
             self.proc.kill()
         except OSError:
@@ -217,6 +245,8 @@ class SyncChild:
         SIGTERM, wait ``term_timeout``; SIGKILL, wait ``kill_timeout``.
         Then join the pipe threads and close the pipes. Safe to repeat, and
         safe on a worker that has already exited."""
+        if self.forked:
+            return
         s = self.settings
         self.closing = self.closing or self.proc.returncode is None
         try:
@@ -246,6 +276,19 @@ class SyncChild:
         finally:
             self._close_stdin()
             self._release()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child of the host (see :mod:`supervisor.forks`):
+        close this process's copies of the three pipes, refuse requests, and
+        never write to, signal or wait for the worker, which is the parent's."""
+        self.forked = True
+        self.core.after_fork(forked_error(self._owner_pid))
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
     def _signal(self, signum: int) -> None:
         try:

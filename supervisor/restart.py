@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from . import arguments
+
 __all__ = ["RestartGuard", "RestartPolicy"]
 
 
@@ -21,10 +23,9 @@ class RestartPolicy:
     window_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_restarts < 0:
-            raise ValueError("max_restarts must be ≥ 0")
-        if self.window_s <= 0:
-            raise ValueError("window_s must be > 0")
+        """Bad values raise :class:`~supervisor.errors.InvalidArgument` (a ValueError)."""
+        arguments.whole("max_restarts", self.max_restarts, minimum=0)
+        arguments.seconds("window_s", self.window_s, none_ok=False, positive=True)
 
 
 class RestartGuard:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from protocol.replies import Done, Reply
 
+from . import arguments
 from .errors import SupervisorError
 from .lifecycle import ReplyBox
 from .results import StreamResult, Token
@@ -134,6 +135,7 @@ class Stream:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end (no more than ``timeout`` seconds); True if ended."""
+        timeout = arguments.seconds("timeout", timeout, none_ok=True)
         with self._cond:
             return self._cond.wait_for(lambda: self._ended, timeout)
 

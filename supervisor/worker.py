@@ -39,6 +39,7 @@ from protocol.replies import (
 from . import commands
 from .core import ErrorFactory
 from .errors import (
+    InvalidArgument,
     RequestError,
     SupervisorError,
     WorkerClosed,
@@ -51,15 +52,16 @@ from .lifecycle import (
     cancel_ignored,
     expect,
     fixed_error,
+    forked_error,
     hello_timeout_error,
-    memory_error,
+    memory_verdict,
     restart_refusal,
     timed_out_error,
 )
 from .process import SyncChild
 from .restart import RestartGuard, RestartPolicy
 from .results import WorkerStats
-from .settings import USE_DEFAULT, Settings, Timeout, command_of, optional_path
+from .settings import USE_DEFAULT, Settings, Timeout, optional_path, roots_of, worker_command
 from .stream import ReplySink, Stream
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ class Supervision:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._pid = os.getpid()  # a forked child's copy must leave the worker alone
         self._cond = threading.Condition()
         self._state = State.STARTING
         self._child: SyncChild | None = None
@@ -114,7 +117,7 @@ class Supervision:
         """Spawn a child and make it current (lock held)."""
         child = SyncChild(self.settings, self._child_exited)
         self._child = child
-        log.info("worker %d started: %s", child.pid, " ".join(self.settings.command))
+        log.info("worker %d started: %s", child.pid, " ".join(self.settings.argv))
         return child
 
     def _handshake(self, child: SyncChild) -> HelloReply:
@@ -136,6 +139,8 @@ class Supervision:
         exit has been handled, so a request right after a kill goes to the
         restarted worker, or fails with the reason, instead of into the void.
         """
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)(None)
         with self._cond:
             while True:
                 if self._state is State.CLOSED:
@@ -284,15 +289,13 @@ class Supervision:
         while not self._stop.wait(self.settings.memory_poll_interval):
             with self._cond:
                 child = self._child if self._state is State.READY else None
-            if child is None or child.exited.is_set():
+            if child is None or child.dying:
                 continue
-            rss = child.probe.rss()
-            if rss is None or rss <= limit:
-                continue
-            message, over = memory_error(child.pid, rss, limit)
-            log.error("%s; killing it", message)
-            child.core.fail_all(over, close=True)
-            child.kill(message)
+            verdict = memory_verdict(child.probe, limit)
+            if verdict is not None:
+                reason, error = verdict
+                log.error("%s", reason)
+                child.kill(reason, error)
 
     def stats(self) -> WorkerStats:
         child = self.ready()
@@ -312,7 +315,10 @@ class Supervision:
         return self._child
 
     def close(self) -> None:
-        """The close ladder on the live child, then join every thread. Idempotent."""
+        """The close ladder on the live child, then join every thread. Idempotent.
+        Nothing in a forked child of the host: the worker is the parent's."""
+        if os.getpid() != self._pid:
+            return
         with self._cond:
             if self._closed:
                 return
@@ -368,7 +374,19 @@ class Worker:
     Every method may be called from any thread, and streams may run
     concurrently (the worker queues them). ``timeout`` arguments default to
     ``request_timeout``: the longest wait for the next line of that request.
-    See :class:`~supervisor.settings.Settings` for the other knobs.
+    ``model_root``, ``image_roots`` and ``trust_remote_code`` start the
+    worker with its ``--model-root``, ``--image-root`` and
+    ``--trust-remote-code`` flags; with ``trust_remote_code`` the ``model``
+    given here is also loaded asking for it. See
+    :class:`~supervisor.settings.Settings` for these and the other knobs.
+
+    Every argument, here and in every method, is checked before anything is
+    spawned or sent: a bad one raises :class:`~supervisor.errors.InvalidArgument`
+    naming it (request fields are checked by the protocol's own parser).
+
+    A child process forked by the host closes its copies of the worker's
+    pipes (:mod:`supervisor.forks`), and its copy of this object refuses
+    requests with ``WorkerClosed`` and never quits or kills the worker.
     """
 
     def __init__(
@@ -389,12 +407,17 @@ class Worker:
         memory_limit_bytes: int | None = None,
         memory_poll_interval: float = 0.5,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        model_root: str | os.PathLike[str] | None = None,
+        image_roots: Sequence[str | os.PathLike[str]] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
+        if env is not None and not isinstance(env, Mapping):
+            raise InvalidArgument(f"env: must be a mapping of strings, got {type(env).__name__}")
         self.settings = Settings(
-            command=command_of(command),
+            command=worker_command(command),
             env=dict(env) if env is not None else None,
             inherit_env=inherit_env,
-            cwd=optional_path(cwd),
+            cwd=optional_path(cwd, "cwd"),
             start_timeout=start_timeout,
             request_timeout=request_timeout,
             cancel_grace=cancel_grace,
@@ -405,13 +428,22 @@ class Worker:
             memory_limit_bytes=memory_limit_bytes,
             memory_poll_interval=memory_poll_interval,
             max_line_bytes=max_line_bytes,
+            model_root=optional_path(model_root, "model_root"),
+            image_roots=roots_of(image_roots),
+            trust_remote_code=trust_remote_code,
+        )
+        # Checked now: a bad model path spawns nothing.
+        model_fields = (
+            commands.load_fields(model, trust_remote_code=trust_remote_code)
+            if model is not None
+            else None
         )
         self._sup = Supervision(self.settings)
         self._finalizer = weakref.finalize(self, self._sup.close)
         try:
             self._sup.start()
-            if model is not None:
-                self.load(model)
+            if model_fields is not None:
+                self._load(model_fields, self.settings.request_timeout)
         except BaseException:
             self.close()
             raise
@@ -461,14 +493,17 @@ class Worker:
     ) -> Loaded:
         """Load a model (replacing the current one); it is reloaded after a restart."""
         fields = commands.load_fields(
-            os.fspath(path),
+            path,
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,
             extra=extra,
         )
-        loaded = expect(self._sup.call("load", fields, self.settings.timeout(timeout)), Loaded)
+        return self._load(fields, self.settings.timeout(timeout))
+
+    def _load(self, fields: commands.Fields, timeout: float | None) -> Loaded:
+        loaded = expect(self._sup.call("load", fields, timeout), Loaded)
         self._sup.model, self._sup.model_fields = loaded.model, fields
         return loaded
 

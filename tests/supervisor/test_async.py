@@ -151,13 +151,23 @@ def test_garbage_and_ignored_cancel() -> None:
     run(main)
 
 
-def test_memory_limit() -> None:
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["kill-in-stream", "kill-before-generate"])
+def test_memory_limit(pause: float) -> None:
+    """See test_faults: wherever the kill falls, MemoryLimitExceeded from then on."""
+
     async def main() -> None:
         async with async_mock_worker(
-            "--token-delay", "0.01", memory_limit_bytes=1, memory_poll_interval=0.05
+            "--token-delay", "0.01", model=None, memory_limit_bytes=1, memory_poll_interval=0.05
         ) as w:
-            with pytest.raises(MemoryLimitExceeded):
+            with pytest.raises(MemoryLimitExceeded) as caught:
+                await w.load("mock-model")
+                await asyncio.sleep(pause)
                 await w.generate("a", max_tokens=10_000).text()
+            assert caught.value.limit_bytes == 1 and caught.value.rss_bytes > 1
+            for _ in range(2):
+                with pytest.raises(MemoryLimitExceeded, match="over the limit .* killed it"):
+                    await w.ping()
+            assert w.returncode == -signal.SIGKILL
 
     run(main)
 

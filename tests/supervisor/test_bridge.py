@@ -44,3 +44,33 @@ def test_async_chat_against_the_real_worker(tiny_model: Path) -> None:
             return await w.chat([{"role": "user", "content": "hi"}], max_tokens=5).text()
 
     assert asyncio.run(main())
+
+
+def _bridge_has(flag: str) -> bool:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "bridge", "--help"],
+        capture_output=True,
+        env={**ENV, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        timeout=30,
+    )
+    return flag.encode() in out.stdout
+
+
+@pytest.mark.skipif(
+    not _bridge_has("--model-root"), reason="the worker has no --model-root flag in this tree"
+)
+def test_model_root_confines_load(tiny_model: Path, tmp_path: Path) -> None:
+    """``model_root`` reaches the worker as ``--model-root``: a model outside it is forbidden."""
+    from supervisor import RequestError
+
+    with Worker(env=ENV, cwd=ROOT, model_root=tmp_path) as w:
+        with pytest.raises(RequestError) as caught:
+            w.load(tiny_model)
+        assert caught.value.code == "forbidden"
+        assert w.ping() >= 0  # refused, and still serving
+    with Worker(env=ENV, cwd=ROOT, model_root=tiny_model.parent, model=tiny_model) as w:
+        assert w.model is not None

@@ -239,10 +239,20 @@ def test_restart_policy_reloads_the_model_and_the_storm_guard_gives_up() -> None
             w.ping()
 
 
-def test_memory_limit_fails_the_stream_then_kills_the_worker() -> None:
-    with mock_worker("--token-delay", "0.01", memory_limit_bytes=1, memory_poll_interval=0.05) as w:
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["kill-in-stream", "kill-before-generate"])
+def test_memory_limit_fails_the_stream_then_kills_the_worker(pause: float) -> None:
+    """The watcher's kill falls while the stream runs, or (``pause``) before
+    ``generate`` is even called, or on a loaded machine during the load:
+    whichever, every request from the kill on raises ``MemoryLimitExceeded``."""
+    with mock_worker(
+        "--token-delay", "0.01", model=None, memory_limit_bytes=1, memory_poll_interval=0.05
+    ) as w:
         with pytest.raises(MemoryLimitExceeded) as caught:
+            w.load("mock-model")
+            time.sleep(pause)
             list(w.generate("a", max_tokens=10_000))
         assert caught.value.limit_bytes == 1 and caught.value.rss_bytes > 1
-        with pytest.raises(WorkerCrashed, match="killed by the supervisor: .* over the limit"):
-            w.ping()
+        for _ in range(2):  # the cause of death is remembered
+            with pytest.raises(MemoryLimitExceeded, match="over the limit .* killed it"):
+                w.ping()
+        assert w.returncode == -signal.SIGKILL
