@@ -17,7 +17,11 @@ import threading
 
 from protocol.errors import MlxMissing, RequestId
 
+from .versions import package_versions
+
 log = logging.getLogger("bridge.engine")
+
+_BACKENDS = ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13")
 
 _lock = threading.Lock()
 _problem: list[str] = []  # empty until checked; then [""] (fine) or [what failed]
@@ -41,6 +45,7 @@ def mlx_problem() -> str | None:
     with _lock:
         if not _problem:
             _problem.append(_try_import())
+            _warn_of_two_backends()
             if _problem[0]:
                 log.warning(
                     "MLX is not usable in %s: %s; load will fail with mlx_missing. Install: %s",
@@ -59,6 +64,22 @@ def require_mlx(request_id: RequestId | None) -> None:
             f"MLX is not installed in the worker's Python ({sys.executable}): {problem}. "
             f"Install it: {install_hint()}",
             request_id=request_id,
+        )
+
+
+def _warn_of_two_backends() -> None:
+    """mlx-cpu and mlx-cuda-* both install mlx/lib/libmlx.so: the last one
+    pip wrote is in use, and uninstalling either deletes it for both."""
+    found = package_versions((), optional=_BACKENDS)
+    found.pop("bridge", None)
+    if len(found) > 1:
+        names = " ".join(sorted(found))
+        log.warning(
+            "MLX backends %s are all installed; they share mlx/lib/libmlx.so, so the one "
+            "installed last is in use. Keep one: pip uninstall -y %s, then pip install "
+            "'mlx-bridge[cuda]' (or '[cpu]')",
+            ", ".join(sorted(found)),
+            names,
         )
 
 

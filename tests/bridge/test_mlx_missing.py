@@ -50,3 +50,15 @@ def test_a_worker_without_mlx_says_what_to_install(
     # one warning line at warm-up, not a traceback per request
     assert b"Traceback" not in worker.stderr, worker.stderr_text
     assert worker.stderr.count(b"MLX is not usable") == 1, worker.stderr_text
+
+
+def test_two_mlx_backends_installed_together_are_reported(tmp_path: Path, tiny_model: Path) -> None:
+    # mlx-cpu is installed here; a second backend's metadata first on the path
+    (tmp_path / "mlx_cuda_13-0.32.4.dist-info").mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    with WorkerProcess("bridge", env=env) as worker:
+        assert worker.call({"cmd": "load", "id": "l", "path": str(tiny_model)})["type"] == "loaded"
+    assert b"MLX backends mlx-cpu, mlx-cuda-13 are all installed" in worker.stderr, (
+        worker.stderr_text
+    )
+    assert b"pip uninstall -y mlx-cpu mlx-cuda-13" in worker.stderr
