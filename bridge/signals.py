@@ -60,7 +60,7 @@ class StopSignals:
     @contextmanager
     def blocked(self) -> Iterator[None]:
         """Threads started inside this block inherit the stop signals blocked."""
-        if not self._installed:
+        if not self._installed or not hasattr(signal, "pthread_sigmask"):  # Windows has none
             yield
             return
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, self._installed)
@@ -96,6 +96,7 @@ def _die_by(signum: int) -> None:
     """End the process now, with the status of being killed by ``signum``."""
     os.write(2, f"bridge: {signal.Signals(signum).name} again; exiting now\n".encode())
     signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
     os.kill(os.getpid(), signum)
     os._exit(128 + signum)  # only if the signal did not end the process
