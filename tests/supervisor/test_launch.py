@@ -10,6 +10,7 @@ writes a marker file and exits, and none may run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from protocol.conformance.process import python_module_command, worker_command
-from supervisor import Worker, module_command
+from supervisor import AsyncWorker, Worker, module_command
 from supervisor.settings import default_command
 from tests.supervisor.conftest import ENV, FAST, ROOT
 
@@ -75,6 +76,15 @@ def test_the_mock_through_module_command_is_safe(hostile: Path) -> None:
     command = module_command("mock_worker")
     with Worker(command, model="mock-model", env=ENV, cwd=str(hostile), **FAST) as w:
         assert w.generate("a b c", max_tokens=3).text() == "a b c"
+    assert markers(hostile) == []
+
+
+def test_the_async_worker_default_is_safe_too(hostile: Path, tiny_model: Path) -> None:
+    async def main() -> None:
+        async with AsyncWorker(model=str(tiny_model), env=ENV, cwd=str(hostile), **FAST) as w:
+            assert await w.generate("hello", max_tokens=3).text() != ""
+
+    asyncio.run(asyncio.wait_for(main(), 60))
     assert markers(hostile) == []
 
 
