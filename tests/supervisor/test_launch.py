@@ -137,3 +137,25 @@ def test_the_console_script_names_itself_and_the_installed_schema(tmp_path: Path
         [*module_command("bridge"), "--help"], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert out.startswith("usage: python -m bridge ")
+
+
+@pytest.mark.parametrize("module", ["bridge", "mock_worker"])
+def test_plain_python_m_drops_the_working_directory_it_does_not_live_in(
+    module: str, hostile: Path
+) -> None:
+    # Defence in depth for hosts that still run plain `python -m bridge`: with
+    # no bridge.py there, the package's __main__ runs first and takes the
+    # working directory off the path before anything else is imported.
+    (hostile / "bridge.py").unlink()
+    (hostile / "mock_worker.py").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", module],
+        input=b'{"cmd":"hello","id":1}\n',
+        capture_output=True,
+        cwd=hostile,
+        env=os.environ | ENV,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.startswith(b'{"type":"hello","id":1,')
+    assert markers(hostile) == []
