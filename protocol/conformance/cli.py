@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from .cases import GROUPS
 from .checker import KitError, load_checker
 from .fixture import choose_model
-from .process import worker_command
+from .process import imports_from_cwd, worker_command
 from .report import Report
 from .runner import RunConfig, run
 from .table import Group
@@ -126,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         p.error("give the worker command after --, for example: -- python -m bridge")
     command = list(worker_command(command))
+    if imports_from_cwd(command):
+        sys.stderr.write(
+            f"{p.prog}: note: {command[0]} -m imports from the working directory first, so a "
+            "bridge.py or protocol.py there would run instead; add -P (Python 3.11+) or run "
+            "the console script (mlx-bridge)\n"
+        )
     groups = select(GROUPS, args.only)
     if not groups:
         p.error(f"--only {args.only} matches no case (see --list)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Final
 
-__all__ = ["WorkerProcess", "python_module_command", "worker_command"]
+__all__ = ["WorkerProcess", "imports_from_cwd", "python_module_command", "worker_command"]
 
 STDERR_TAIL_BYTES: Final = 16 * 1024
 TRANSCRIPT_LINES: Final = 60
@@ -57,6 +58,30 @@ def python_module_command(module: str, *args: str) -> tuple[str, ...]:
     if sys.version_info >= (3, 11):
         return (sys.executable, "-P", "-m", module, *args)
     return (sys.executable, "-c", _RUN_MODULE_SAFELY, module, *args)
+
+
+def imports_from_cwd(command: Sequence[str]) -> bool:
+    """True for ``PYTHON [OPTIONS] -m MODULE`` without ``-P`` or ``-I``: a
+    command that a look-alike module in the working directory can hijack."""
+    if not command or not re.fullmatch(r"python[0-9.]*", os.path.basename(command[0])):
+        return False
+    safe = False
+    args = iter(command[1:])
+    for arg in args:
+        if not arg.startswith("-") or arg.startswith("--") or arg == "-":
+            return False  # a script (its own directory comes first), or no module at all
+        for at, letter in enumerate(arg[1:], start=1):
+            if letter in "PI":
+                safe = True
+            elif letter == "m":
+                return not safe
+            elif letter == "c":
+                return False
+            elif letter in "XW":  # takes a value: the rest of this word, or the next one
+                if at == len(arg) - 1:
+                    next(args, None)
+                break
+    return False
 
 
 def worker_command(command: Sequence[str]) -> tuple[str, ...]:

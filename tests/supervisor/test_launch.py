@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.conformance.process import python_module_command, worker_command
+from protocol.conformance.process import imports_from_cwd, python_module_command, worker_command
 from supervisor import AsyncWorker, Worker, module_command
 from supervisor.settings import default_command
 from tests.supervisor.conftest import ENV, FAST, ROOT
@@ -159,3 +159,39 @@ def test_plain_python_m_drops_the_working_directory_it_does_not_live_in(
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.startswith(b'{"type":"hello","id":1,')
     assert markers(hostile) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "hijackable"),
+    [
+        (["python", "-m", "bridge"], True),
+        (["/venv/bin/python3.11", "-u", "-m", "bridge"], True),
+        (["python", "-X", "importtime", "-m", "bridge"], True),
+        (["python", "-um", "bridge"], True),
+        (["python", "-P", "-m", "bridge"], False),
+        (["python", "-Pm", "bridge"], False),
+        (["python", "-I", "-m", "bridge"], False),
+        (["python", "worker.py"], False),
+        (["python", "-c", "pass"], False),
+        (["mlx-bridge"], False),
+        (["./my-worker", "-m", "x"], False),
+    ],
+)
+def test_the_kit_knows_which_commands_import_from_the_working_directory(
+    command: list[str], hijackable: bool
+) -> None:
+    assert imports_from_cwd(command) is hijackable
+
+
+def test_the_kit_warns_of_a_hijackable_command(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*python_module_command("protocol.conformance"), "--only", "startup / hello"]
+        + ["--", sys.executable, "-m", "mock_worker"],
+        cwd=ROOT,
+        env=os.environ | ENV,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "-m imports from the working directory first" in done.stderr
