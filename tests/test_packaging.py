@@ -58,6 +58,7 @@ def test_each_extra_selects_one_backend() -> None:
     backends = {name: mlx_extras_on_linux(reqs, extras=extras) for name, reqs in extras.items()}
     assert backends["cpu"] == {"cpu"}
     assert backends["cuda"] == {"cuda13"}
+    assert backends["cuda12"] == {"cuda12"}
     assert backends["dev"] == {"cpu"}  # the README's command, on a CPU machine
     assert backends["tools"] == set()  # for `.[cuda,tools]` on a GPU machine
     assert backends["vlm"] == set()

@@ -41,6 +41,7 @@ def test_a_worker_without_mlx_says_what_to_install(
             {"cmd": "chat", "id": "c", "messages": [{"role": "user", "content": "hi"}]},
             {"cmd": "tokenize", "id": "t", "text": "hi"},
             {"cmd": "detokenize", "id": "d", "tokens": [1]},
+            {"cmd": "inspect", "id": "i", "prompt": "hi"},
         ):
             reply = worker.call(request)
             assert reply["type"] == "error" and reply["code"] == "mlx_missing", reply
