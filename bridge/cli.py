@@ -4,22 +4,45 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+import protocol
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 
 from .server import ServeOptions, serve
 
 DESCRIPTION = """\
 mlx-bridge worker: serves MLX language models over stdin/stdout, one JSON
-object per line (see docs/protocol.md). Protocol lines go to stdout only;
-logs go to stderr. The worker exits on {"cmd":"quit"} or when stdin closes.
+object per line. Protocol lines go to stdout only; logs go to stderr. The
+worker exits on {"cmd":"quit"}, when stdin closes, or on SIGTERM/SIGINT.
+Start with {"cmd":"hello","id":1}: its reply lists the commands and limits.
 """
 
 
-def parser(prog: str = "python -m bridge") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+def epilog() -> str:
+    """Where the protocol is written down, for a checkout and for an install."""
+    schema = os.path.join(os.path.dirname(protocol.__file__), "protocol.schema.json")
+    return (
+        "The protocol: docs/protocol.md in the mlx-bridge source (prose, one example per "
+        f"message); its JSON Schema is installed as {schema}."
+    )
+
+
+def prog_name(module: str) -> str:
+    """``mlx-bridge`` when run as a console script, ``python -m bridge`` otherwise."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name in ("__main__.py", "-c") or name.endswith(".py"):
+        return f"python -m {module}"
+    return name
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog or prog_name("bridge"), description=DESCRIPTION, epilog=epilog()
+    )
     p.add_argument("--model", metavar="PATH", help="load this model at start-up (no reply line)")
     p.add_argument(
         "--log-level",
@@ -133,3 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_line_bytes=args.max_line_bytes, max_queue=args.max_queue, preload=args.model
     )
     return serve(engine, options)
+
+
+def script() -> NoReturn:
+    """The ``mlx-bridge`` console script: ``main``, then exit at once.
+
+    Every protocol line is already written (unbuffered, ``os.write``). The
+    interpreter's teardown is skipped: freeing a large model and the GPU
+    context there takes about a second, and a host waiting on ``quit``
+    should not.
+    """
+    code = main()
+    logging.shutdown()
+    os._exit(code)

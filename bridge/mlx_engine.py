@@ -30,6 +30,7 @@ from protocol.requests import (
 from .engine import Prepared, ShouldAbort, Step
 from .generation import Outcome
 from .mlx_facts import model_facts
+from .mlx_install import mlx_problem, require_mlx
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
@@ -109,10 +110,10 @@ class MlxLmEngine:
     # -- engine thread ---------------------------------------------------------------
 
     def warm_up(self) -> None:
-        import mlx.core  # noqa: F401
-        import mlx_lm  # noqa: F401
+        mlx_problem()  # imports MLX and mlx-lm, or logs one line saying what to install
 
     def load(self, request: Load) -> ModelFacts:
+        require_mlx(request.id)
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory = resolve_model_dir(request.path)
         needed = weights_bytes(directory)
@@ -298,6 +299,7 @@ class MlxLmEngine:
 
     def _require(self, request: GenerationRequest | Tokenize | Detokenize | Inspect) -> _Loaded:
         if self._loaded is None:
+            require_mlx(request.id)  # without MLX no load can succeed: say so, not no_model
             raise NoModel("no model loaded; send load first", request_id=request.id)
         return self._loaded
 

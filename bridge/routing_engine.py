@@ -25,6 +25,7 @@ from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
 from .engine import Engine, Prepared, ShouldAbort, Step
+from .mlx_install import require_mlx
 from .mlx_memory import available_memory
 from .model_files import check_fits, resolve_model_dir, weights_bytes
 from .model_kind import ModelKind, kind_of
@@ -62,6 +63,7 @@ class RoutingEngine:
     def load(self, request: Load) -> ModelFacts:
         # before anything is read: a request may not turn on remote code by itself
         remote_code_allowed(request, worker_allows=self._trust_remote_code)
+        require_mlx(request.id)  # before the vision check: mlx-vlm needs MLX too
         directory = resolve_model_dir(request.path)
         kind = kind_of(directory)
         target = self._vision_engine() if kind is ModelKind.VISION else self._text

@@ -23,6 +23,7 @@ from .engine import Engine
 from .jobs import Job
 from .router import Router
 from .scheduler import SerialScheduler
+from .signals import StopSignals
 from .stdio import LineWriter, claim_stdout, read_lines
 from .versions import package_versions
 
@@ -92,6 +93,8 @@ def serve(
             model=facts.path if facts else None,
         )
 
+    signals = StopSignals(stdin)
+    signals.install()
     router = Router(
         engine=engine,
         scheduler=scheduler,
@@ -99,7 +102,8 @@ def serve(
         hello=hello,
         max_line_bytes=options.max_line_bytes,
     )
-    scheduler.start()
+    with signals.blocked():  # the engine thread and its children never take them
+        scheduler.start()
     if options.preload:
         scheduler.submit(Job(request=Load(path=options.preload), send=_log_preload))
     quit_request = None
@@ -109,10 +113,14 @@ def serve(
             scheduler.release_warm_up()
             if quit_request is not None or writer.broken:
                 break
+        signals.stopping()
+        if signals.received:
+            log.info("%s: shutting down as on quit", signals.name)
         if on_quit is not None and not writer.broken:
             on_quit(quit_request)
     except KeyboardInterrupt:
         log.info("interrupted; shutting down")
+    signals.stopping()
     clean = scheduler.shutdown(EXIT_GRACE_S)
     if quit_request is not None and quit_request.id is not None:
         writer.send(Bye(id=quit_request.id))

@@ -1,4 +1,4 @@
-"""Build the offline demo model and stream a real generation through ``python -m bridge``.
+"""Build the offline demo model and stream a real generation through ``python -P -m bridge``.
 
 Every line sent to the worker is shown with ``>>>`` and every line it writes
 back is shown as-is, so this doubles as a picture of the protocol.
@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# -P (3.11+): the working directory is not put on the import path, so no
+# bridge.py or protocol.py lying there can stand in for the worker's modules.
+PYTHON = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else [])]
 
 
 def main() -> int:
     model_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / ".demo-model")
-    subprocess.run([sys.executable, "-m", "bridge.demo_model", str(model_dir)], check=True)
+    subprocess.run([*PYTHON, "-m", "bridge.demo_model", str(model_dir)], check=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     with subprocess.Popen(
-        [sys.executable, "-m", "bridge"],
+        [*PYTHON, "-m", "bridge"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from bridge.cli import parser as bridge_parser
-from bridge.cli import setup_logging
+from bridge.cli import prog_name, setup_logging
 from bridge.server import ServeOptions, serve
 from protocol.errors import ERROR_CODES
 from protocol.requests import Quit
@@ -29,14 +29,15 @@ DESCRIPTION = """\
 mlx-bridge mock worker: the worker's protocol and request loop over a scripted
 engine that echoes the prompt's words as tokens. No MLX. Faults are injected
 by the flags below (process-wide defaults) or per request by a "mock" object
-on load, generate and chat (see mock_worker/README.md).
+on load, generate and chat (see mock_worker/README.md in the mlx-bridge
+source). Run it as mlx-bridge-mock or python -P -m mock_worker.
 """
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = bridge_parser(prog="python -m mock_worker")
+    p = bridge_parser(prog=prog_name("mock_worker"))
     p.description = DESCRIPTION
     g = p.add_argument_group("faults")
     g.add_argument(

@@ -1,7 +1,7 @@
 """Drive mlx-bridge workers from Python, without touching pipes or JSON.
 
-``Worker`` (threads) and ``AsyncWorker`` (asyncio) spawn ``python -m bridge``
-(or any command speaking the protocol, such as ``python -m mock_worker``),
+``Worker`` (threads) and ``AsyncWorker`` (asyncio) spawn ``python -P -m bridge``
+(or any command speaking the protocol, such as ``module_command("mock_worker")``),
 wait for its ``hello``, stream tokens, cancel, restart it after a crash if
 asked to, and close it in escalating steps. See ``supervisor.errors`` for
 what can go wrong.
@@ -31,7 +31,7 @@ from .errors import (
 )
 from .restart import RestartPolicy
 from .results import StreamResult, Timings, Token, Usage, WorkerStats
-from .settings import USE_DEFAULT
+from .settings import USE_DEFAULT, module_command
 from .stream import Stream
 from .worker import Worker
 
@@ -62,4 +62,5 @@ __all__ = [
     "WorkerCrashed",
     "WorkerStats",
     "WorkerTimeout",
+    "module_command",
 ]

@@ -363,8 +363,10 @@ class Worker:
                     print(token.text, end="", flush=True)
             print(stream.result.finish_reason, stream.result.usage)
 
-    ``command`` is the worker's argv (default ``[sys.executable, "-m",
-    "bridge"]``; ``[sys.executable, "-m", "mock_worker"]`` for the mock).
+    ``command`` is the worker's argv (default ``module_command("bridge")``:
+    ``[sys.executable, "-P", "-m", "bridge"]``, which a ``bridge.py`` in the
+    working directory cannot shadow; ``module_command("mock_worker")`` for the
+    mock).
     ``env`` is added to this process's environment (all of it, with
     ``inherit_env=False``); pass secrets there, never in ``command``.
     Readiness is the worker's ``hello`` reply within ``start_timeout``; an

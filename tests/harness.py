@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from supervisor.settings import module_command
 from tests.schema_check import validate_reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``python -m MODULE ARGS`` with its stdout read on a thread."""
+    """``python -P -m MODULE ARGS`` with its stdout read on a thread."""
 
     def __init__(
         self,
@@ -46,7 +46,7 @@ class WorkerProcess:
     ) -> None:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*module_command(module), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

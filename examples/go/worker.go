@@ -1,5 +1,5 @@
-// Package mlxhost drives an mlx-bridge worker (python -m bridge, or any
-// program that speaks docs/protocol.md, such as python -m mock_worker) over
+// Package mlxhost drives an mlx-bridge worker (mlx-bridge, or any
+// program that speaks docs/protocol.md, such as mlx-bridge-mock) over
 // its stdin and stdout, one JSON object per line.
 //
 // Every request gets an integer id, so several may be in flight at once and
@@ -25,7 +25,7 @@ import (
 
 // Config says how to start a worker. Only Command is required.
 type Config struct {
-	Command      []string      // e.g. {"python3", "-m", "bridge"}
+	Command      []string      // e.g. {"mlx-bridge"}, or {"python3", "-P", "-m", "bridge"}
 	Dir          string        // working directory ("" = ours)
 	Env          []string      // environment (nil = ours)
 	Stderr       io.Writer     // also copy the worker's stderr here (nil = keep only the tail)

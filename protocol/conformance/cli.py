@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from .cases import GROUPS
 from .checker import KitError, load_checker
 from .fixture import choose_model
+from .process import imports_from_cwd, worker_command
 from .report import Report
 from .runner import RunConfig, run
 from .table import Group
@@ -33,9 +34,14 @@ rules. Prints a pass/fail table; exits 1 if any case failed.
 
 EPILOG = """\
 examples:
-  python -m protocol.conformance -- python -m bridge
-  python -m protocol.conformance --model ~/models/tiny -- python -m mock_worker
-  python -m protocol.conformance --only cancel -- ./my-worker --flag
+  .venv/bin/python -m protocol.conformance -- python -m bridge
+  .venv/bin/python -m protocol.conformance --model ~/models/tiny -- python -m mock_worker
+  .venv/bin/python -m protocol.conformance --only cancel -- ./my-worker --flag
+
+A worker command that starts with a bare `python` or `python3` runs with the
+kit's own interpreter (activated venv or not), and its `-m MODULE` as
+`-P -m MODULE`, so files in the working directory cannot shadow the module;
+the table's header shows the command as run. Any other command runs as given.
 
 Without --model, the kit builds the tiny fixture model with
 `python -m bridge.demo_model` into a temporary directory; if it cannot, the
@@ -119,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not command:
         p.error("give the worker command after --, for example: -- python -m bridge")
+    command = list(worker_command(command))
+    if imports_from_cwd(command):
+        sys.stderr.write(
+            f"{p.prog}: note: {command[0]} -m imports from the working directory first, so a "
+            "bridge.py or protocol.py there would run instead; add -P (Python 3.11+) or run "
+            "the console script (mlx-bridge)\n"
+        )
     groups = select(GROUPS, args.only)
     if not groups:
         p.error(f"--only {args.only} matches no case (see --list)")

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+
+from .process import python_module_command
 
 __all__ = ["ModelChoice", "choose_model"]
 
@@ -44,7 +45,7 @@ def choose_model(
 
 
 def _build_fixture(target: pathlib.Path, *, env: Mapping[str, str]) -> ModelChoice:
-    command = [sys.executable, "-m", "bridge.demo_model", str(target)]
+    command = python_module_command("bridge.demo_model", str(target))
     shown = "python -m bridge.demo_model"
     try:
         done = subprocess.run(

@@ -19,19 +19,82 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Final
 
-__all__ = ["WorkerProcess"]
+__all__ = ["WorkerProcess", "imports_from_cwd", "python_module_command", "worker_command"]
 
 STDERR_TAIL_BYTES: Final = 16 * 1024
 TRANSCRIPT_LINES: Final = 60
 _SHOWN_CHARS: Final = 300
+
+# A first word that means "the kit's own interpreter" (see ``worker_command``).
+BARE_PYTHONS: Final = ("python", "python3")
+
+# Python 3.10 has no -P: this does what it does, for one module run as
+# ``python -c CODE MODULE ARGS...`` (with -c, sys.path[0] is '', the working
+# directory, until the code removes it).
+_RUN_MODULE_SAFELY: Final = (
+    "import sys; del sys.path[0]; import runpy; "
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
+)
+
+
+def python_module_command(module: str, *args: str) -> tuple[str, ...]:
+    """``python -m MODULE ARGS`` with this interpreter, safe from the working directory.
+
+    Plain ``-m`` puts the working directory first on the import path, so a
+    ``bridge.py`` or ``protocol.py`` there would run instead of the real
+    module. ``-P`` (3.11+) leaves it out; on 3.10 the module runs through
+    ``runpy`` after dropping it. ``PYTHONPATH`` still counts.
+    """
+    if sys.version_info >= (3, 11):
+        return (sys.executable, "-P", "-m", module, *args)
+    return (sys.executable, "-c", _RUN_MODULE_SAFELY, module, *args)
+
+
+def imports_from_cwd(command: Sequence[str]) -> bool:
+    """True for ``PYTHON [OPTIONS] -m MODULE`` without ``-P`` or ``-I``: a
+    command that a look-alike module in the working directory can hijack."""
+    if not command or not re.fullmatch(r"python[0-9.]*", os.path.basename(command[0])):
+        return False
+    safe = False
+    args = iter(command[1:])
+    for arg in args:
+        if not arg.startswith("-") or arg.startswith("--") or arg == "-":
+            return False  # a script (its own directory comes first), or no module at all
+        for at, letter in enumerate(arg[1:], start=1):
+            if letter in "PI":
+                safe = True
+            elif letter == "m":
+                return not safe
+            elif letter == "c":
+                return False
+            elif letter in "XW":  # takes a value: the rest of this word, or the next one
+                if at == len(arg) - 1:
+                    next(args, None)
+                break
+    return False
+
+
+def worker_command(command: Sequence[str]) -> tuple[str, ...]:
+    """The command as the kit runs it: a bare ``python``/``python3`` is this
+    interpreter (so ``-- python -m bridge`` tests the environment the kit runs
+    in, activated or not), and its ``-m MODULE`` is run safe from the working
+    directory. Any other command is run as given."""
+    if not command or command[0] not in BARE_PYTHONS:
+        return tuple(command)
+    rest = tuple(command[1:])
+    if len(rest) >= 2 and rest[0] == "-m":
+        return python_module_command(rest[1], *rest[2:])
+    return (sys.executable, *rest)
 
 
 class WorkerProcess:

@@ -4,7 +4,8 @@
 //
 //   node bin/demo.js [--model PATH] [--prompt TEXT] [--max-tokens N] [--timeout SECS] [-- WORKER COMMAND...]
 //
-// The worker command defaults to `python3 -m bridge`.
+// The worker command defaults to `mlx-bridge` (the worker's console script on
+// PATH; `python -m bridge` would import a `bridge.py` in the working directory).
 
 import { parseArgs } from 'node:util';
 
@@ -19,7 +20,7 @@ const { values: opts, positionals } = parseArgs({
     timeout: { type: 'string', default: '30' },
   },
 });
-const [command, ...args] = positionals.length ? positionals : ['python3', '-m', 'bridge'];
+const [command, ...args] = positionals.length ? positionals : ['mlx-bridge'];
 
 const worker = await Worker.start(command, args, { echoStderr: true });
 try {

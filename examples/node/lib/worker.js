@@ -1,7 +1,7 @@
-// A small host for mlx-bridge workers (`python -m bridge`, or anything that
-// speaks docs/protocol.md, such as `python -m mock_worker`). No dependencies.
+// A small host for mlx-bridge workers (`mlx-bridge`, or anything that
+// speaks docs/protocol.md, such as `mlx-bridge-mock`). No dependencies.
 //
-//   const worker = await Worker.start('python3', ['-m', 'bridge']);
+//   const worker = await Worker.start('mlx-bridge', []);
 //   await worker.call({ cmd: 'load', path: '/models/qwen3' });
 //   for await (const reply of worker.stream({ cmd: 'chat', messages, max_tokens: 64 }, { signal })) {
 //     if (reply.type === 'token') process.stdout.write(reply.token);

@@ -1,13 +1,14 @@
-//! A small host for mlx-bridge workers (`python -m bridge`, or anything that
-//! speaks `docs/protocol.md`, such as `python -m mock_worker`).
+//! A small host for mlx-bridge workers (`mlx-bridge`, or anything that
+//! speaks `docs/protocol.md`, such as `mlx-bridge-mock`).
 //!
 //! ```no_run
 //! use mlx_host::{Event, Worker};
 //! use serde_json::json;
 //! use std::process::Command;
 //!
-//! let mut cmd = Command::new("python3");
-//! cmd.args(["-m", "bridge"]);
+//! // the console script, not `python -m bridge`: that would import a bridge.py
+//! // from the working directory first
+//! let cmd = Command::new("mlx-bridge");
 //! let mut worker = Worker::spawn(cmd)?;
 //! worker.call(json!({"cmd": "load", "path": "/models/qwen3"}))?;
 //! for event in worker.stream(json!({"cmd": "generate", "prompt": "Hi", "max_tokens": 8}))? {

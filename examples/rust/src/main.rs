@@ -3,7 +3,8 @@
 //!
 //!     mlx-host-demo [--model PATH] [--prompt TEXT] [--max-tokens N] [--timeout SECS] [-- WORKER COMMAND...]
 //!
-//! The worker command defaults to `python3 -m bridge`.
+//! The worker command defaults to `mlx-bridge` (the worker's console script on
+//! PATH; `python -m bridge` would import a `bridge.py` in the working directory).
 
 use mlx_host::{Error, Event, Options, Worker};
 use serde_json::json;
@@ -34,7 +35,7 @@ fn parse_args() -> Result<Args, String> {
         prompt: "Write a haiku about rivers.".into(),
         max_tokens: 64,
         timeout: Duration::from_secs(30),
-        command: vec!["python3".into(), "-m".into(), "bridge".into()],
+        command: vec!["mlx-bridge".into()],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {

@@ -3,7 +3,8 @@
 //
 //	mlxhost-demo [-model PATH] [-prompt TEXT] [-max-tokens N] [-timeout 30s] [--] [WORKER COMMAND...]
 //
-// The worker command defaults to `python3 -m bridge`.
+// The worker command defaults to `mlx-bridge` (the worker's console script on
+// PATH; `python -m bridge` would import a `bridge.py` in the working directory).
 package main
 
 import (
@@ -29,7 +30,7 @@ func main() {
 	flag.Parse()
 	command := flag.Args()
 	if len(command) == 0 {
-		command = []string{"python3", "-m", "bridge"}
+		command = []string{"mlx-bridge"}
 	}
 	log.SetFlags(0)
 	if err := run(command, *model, *prompt, *maxTokens, *timeout); err != nil {
