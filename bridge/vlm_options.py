@@ -63,4 +63,4 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
             images=policy,
         )
 
-    return RoutingEngine(text, vision, memory_budget=args.memory_budget)
+    return RoutingEngine(text, vision, memory_budget=args.memory_budget, model_root=args.model_root)
