@@ -140,8 +140,8 @@ def resolve_model_dir(path: str, *, root: Path | None = None) -> Path:
         return _checked(local, root)
     if _looks_like_repo_id(path):
         snapshot = _from_hub_cache(path)
-        if root is not None:
-            _check_inside(snapshot, root, "path", f"{path} (cached at {snapshot})")
+        if root is not None and not Path(os.path.realpath(snapshot)).is_relative_to(root):
+            raise Forbidden(f"path: {path} is cached at {snapshot}, outside the model root {root}")
         return _checked(snapshot, root)
     raise ModelNotFound(f"path: no such directory: {path}")
 
@@ -216,13 +216,17 @@ def _local_path(path: str, field: str, root: Path | None) -> Path:
         return local
     if ".." in local.parts:
         raise Forbidden(f"{field}: {path} contains '..', which --model-root does not allow")
-    return local if local.is_absolute() else root / local
+    local = local if local.is_absolute() else root / local
+    if not local.is_relative_to(root):  # refused alike whether it exists or not
+        raise Forbidden(f"{field}: {path} is outside the model root {root}")
+    return local
 
 
 def _check_inside(path: Path, root: Path, field: str, shown: str) -> None:
-    real = Path(os.path.realpath(path))
-    if not real.is_relative_to(root):
-        raise Forbidden(f"{field}: {shown} resolves to {real}, outside the model root {root}")
+    """Refuse ``path`` when its real path (symlinks resolved) leaves ``root``;
+    the message does not say where the symlinks lead."""
+    if not Path(os.path.realpath(path)).is_relative_to(root):
+        raise Forbidden(f"{field}: {shown} leads outside the model root {root} (by a symlink)")
 
 
 def _stat(path: Path) -> os.stat_result | None:
