@@ -85,7 +85,7 @@ def model_facts(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        context_len=context_len or max_positions or None,
+        context_len=_count(context_len) or max_positions or None,
         dtype=dtype or "unknown",
         quantization=quantization,
         parameters=_count(parameters),

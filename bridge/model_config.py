@@ -130,6 +130,10 @@ def kv_cache_bytes(config: Mapping[str, object], weights: Weights, tokens: int) 
                 continue  # a constant-size state
             else:
                 layer_tokens += tokens
+    elif window and _first_int(text, ("sliding_window_pattern",)):
+        pattern = _first_int(text, ("sliding_window_pattern",)) or 1  # Gemma 3: 5 of 6 slide
+        full = layers // pattern
+        layer_tokens = full * tokens + (layers - full) * min(tokens, window)
     else:
         layer_tokens = layers * tokens
     return layer_tokens * per_token * _activation_bytes(weights)

@@ -248,14 +248,14 @@ def _checked(directory: Path, root: Path | None) -> Path:
 def _check_loader_files(directory: Path, root: Path | None, field: str) -> None:
     """Every file a loader may read must be a bounded regular file (inside
     the root, when there is one)."""
-    for name, path in _loader_files(directory):
+    for name, path in _loader_files(directory, field):
         limit = _limit(name)
         if root is not None and os.path.lexists(path):
             _check_inside(path, root, field, str(path))
         check_regular(path, field=field, limit=limit)
 
 
-def _loader_files(directory: Path) -> list[tuple[str, Path]]:
+def _loader_files(directory: Path, field: str) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     try:
         with os.scandir(directory) as entries:
@@ -267,7 +267,7 @@ def _loader_files(directory: Path) -> list[tuple[str, Path]]:
                 elif _loader_reads(entry.name):
                     found.append((entry.name, Path(entry.path)))
     except OSError as exc:
-        raise LoadFailed(f"path: cannot list {directory}: {exc.strerror}") from None
+        raise LoadFailed(f"{field}: cannot list {directory}: {exc.strerror}") from None
     return sorted(found)
 
 
