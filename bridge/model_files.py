@@ -12,10 +12,10 @@ checks it before mlx-lm, mlx-vlm or transformers open anything in it:
   files, chat templates, ``*.safetensors``, the index, ``*.py``) must be a
   regular file (after symlinks): a FIFO, socket, device or directory by such
   a name is ``load_failed`` naming it, and so is a dangling symlink;
-- JSON and template files are bounded (:data:`MAX_CONFIG_BYTES`), vocabulary
-  files too (:data:`MAX_DATA_BYTES`); ``config.json`` is read with a nesting
-  bound, and every ``*.safetensors`` header is read and checked
-  (:mod:`bridge.safetensors_header`);
+- the files loaders read whole are bounded: configs, chat templates and
+  code by :data:`MAX_CONFIG_BYTES`, vocabularies by :data:`MAX_DATA_BYTES`;
+  ``config.json`` is read with a nesting bound, and every ``*.safetensors``
+  header is read and checked (:mod:`bridge.safetensors_header`);
 - ``config.json`` is checked against the weights (:mod:`bridge.model_config`);
 - the same holds for ``adapter_path`` (``adapter_config.json`` and
   ``adapters.safetensors``).
@@ -57,12 +57,43 @@ MAX_DATA_BYTES = 256 * 2**20
 # means to use longer contexts sends context_len, and the gate counts that.
 DEFAULT_GATE_TOKENS = 8192
 
-# Names a loader may read from a model directory, by suffix, and the bound
-# of each class. Files with other names (README.md, .gitattributes) are
-# never opened and not checked.
-_CONFIG_SUFFIXES = (".json", ".jinja", ".py")
-_DATA_SUFFIXES = (".safetensors", ".txt", ".model", ".tiktoken", ".jsonl", ".vocab", ".bpe")
-_DATA_NAMES = ("tokenizer.json", "vocab.json", "model.safetensors.index.json")
+# Names a loader may read from a model directory, by suffix: each must be a
+# regular file. Files with other names (README.md, .gitattributes) are never
+# opened and not checked.
+_LOADER_SUFFIXES = (
+    ".json",
+    ".jinja",
+    ".py",
+    ".safetensors",
+    ".txt",
+    ".model",
+    ".tiktoken",
+    ".jsonl",
+    ".vocab",
+    ".bpe",
+)
+# The ones loaders read whole, and their bound: configs, templates and code ...
+_CONFIG_ENDINGS = (
+    "config.json",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    ".jinja",
+    ".py",
+)
+# ... and vocabularies. Other names (trainer_state.json, LICENSE.txt) are
+# checked for being regular files only.
+_DATA_ENDINGS = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "model.safetensors.index.json",
+    ".model",
+    ".tiktoken",
+    ".vocab",
+    ".bpe",
+)
 _TEMPLATE_DIRS = ("additional_chat_templates",)
 
 
@@ -279,15 +310,17 @@ def _names(directory: Path) -> list[str]:
 
 
 def _loader_reads(name: str) -> bool:
-    return name.endswith(_CONFIG_SUFFIXES + _DATA_SUFFIXES) or name.startswith("tokenizer.")
+    return name.endswith(_LOADER_SUFFIXES) or name.startswith("tokenizer.")
 
 
 def _limit(name: str) -> int | None:
-    if name.endswith(".safetensors"):
-        return None  # mapped, not read whole; the header is checked and the gate counts it
-    if name in _DATA_NAMES or name.endswith(_DATA_SUFFIXES):
+    """The size bound of a file a loader reads whole; None for the others
+    (``*.safetensors`` is mapped: its header is checked and the gate counts it)."""
+    if name.endswith(_DATA_ENDINGS) or name.startswith("tokenizer."):
         return MAX_DATA_BYTES
-    return MAX_CONFIG_BYTES
+    if name.endswith(_CONFIG_ENDINGS):
+        return MAX_CONFIG_BYTES
+    return None
 
 
 def _weight_files(directory: Path) -> list[Path]:
