@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import protocol
@@ -94,6 +95,15 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="memory the load gate may assume is available (default: what psutil reports)",
     )
     p.add_argument(
+        "--model-root",
+        type=existing_directory,
+        metavar="DIR",
+        help="confine load: path and adapter_path must resolve inside DIR (relative paths "
+        "are taken from it; '..', symlinks leaving it, non-directories and repo ids cached "
+        "outside it are refused with 'forbidden'); see docs/security.md "
+        "(default: no confinement)",
+    )
+    p.add_argument(
         "--prompt-cache-entries",
         type=non_negative_int,
         default=DEFAULT_MAX_ENTRIES,
@@ -117,6 +127,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be ≥ 1")
     return value
+
+
+def existing_directory(text: str) -> Path:
+    path = Path(os.path.realpath(os.path.expanduser(text)))
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return path
 
 
 def non_negative_int(text: str) -> int:

@@ -34,7 +34,7 @@ from .mlx_install import mlx_problem, require_mlx
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
-from .model_files import check_fits, resolve_model_dir, weights_bytes
+from .model_files import check_fits, open_model
 from .prompt_tokens import encode_prompt
 from .remote_code import CodeGuard, remote_code_allowed
 from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
@@ -115,9 +115,11 @@ class MlxLmEngine:
     def load(self, request: Load) -> ModelFacts:
         require_mlx(request.id)
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
-        directory = resolve_model_dir(request.path)
-        needed = weights_bytes(directory)
-        check_fits(needed, self._available_memory(), force=request.force)
+        files = open_model(request.path, request.adapter_path)  # every file checked
+        directory, needed = files.directory, files.weights_bytes
+        check_fits(
+            files.footprint(request.context_len), self._available_memory(), force=request.force
+        )
         self.unload()
 
         import mlx_lm

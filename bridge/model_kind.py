@@ -1,7 +1,9 @@
 """Tell a vision model from a text model by its ``config.json``, before loading.
 
 No MLX here, and no import of mlx-vlm: this runs on every ``load`` and must
-work (and say something useful) when mlx-vlm is not installed.
+work (and say something useful) when mlx-vlm is not installed. The config is
+read by :func:`bridge.model_files.read_config`, with its size and nesting
+bounds.
 
 A model is a vision model when its config describes a vision encoder: a
 non-empty ``vision_config`` (Qwen2-VL, Gemma 3, LLaVA, Idefics, PaliGemma,
@@ -14,11 +16,10 @@ vision encoder.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from protocol.errors import LoadFailed
+from .model_files import read_config
 
 # Keys whose (non-empty) presence means a vision encoder.
 VISION_KEYS = ("vision_config", "vision_tower_config", "visual", "mm_vision_tower")
@@ -27,16 +28,6 @@ VISION_KEYS = ("vision_config", "vision_tower_config", "visual", "mm_vision_towe
 class ModelKind(enum.Enum):
     TEXT = "text"
     VISION = "vision"
-
-
-def read_config(directory: Path) -> dict[str, object]:
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LoadFailed(f"path: cannot read {directory / 'config.json'}: {exc}") from None
-    if not isinstance(config, dict):
-        raise LoadFailed(f"path: {directory / 'config.json'} is not a JSON object")
-    return config
 
 
 def model_kind(config: Mapping[str, object]) -> ModelKind:

@@ -12,13 +12,22 @@ installed for a vision model (``load_failed`` with an install hint if not);
 errors up to here leave the current model loaded. Then the current model is
 unloaded and the chosen engine loads.
 
+Before anything else, :func:`bridge.model_files.open_model` checks the model
+directory (every file a loader reads, ``config.json`` against the weights'
+headers) and, with ``model_root`` (``--model-root``), that ``path`` and
+``adapter_path`` lie inside the root (``forbidden`` otherwise). The engine
+then gets the request with the resolved directories, so it loads what was
+checked.
+
 The vision engine is built on first use, so a worker that never loads a
 vision model never imports mlx-vlm.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator
+from dataclasses import replace
 from pathlib import Path
 
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
@@ -27,8 +36,8 @@ from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Toke
 from .engine import Engine, Prepared, ShouldAbort, Step
 from .mlx_install import require_mlx
 from .mlx_memory import available_memory
-from .model_files import check_fits, resolve_model_dir, weights_bytes
-from .model_kind import ModelKind, kind_of
+from .model_files import check_fits, open_model, weights_bytes
+from .model_kind import ModelKind, model_kind
 from .remote_code import remote_code_allowed
 
 VisionFactory = Callable[[], Engine]
@@ -43,10 +52,12 @@ class RoutingEngine:
         memory_budget: int | None = None,
         require_vision: Callable[[str], None] | None = None,
         trust_remote_code: bool = False,
+        model_root: Path | None = None,
     ) -> None:
         """``vision`` builds the vision engine on first use;
         ``require_vision(path)`` raises ``load_failed`` when the vision
-        engine cannot run (by default: when mlx-vlm is not installed)."""
+        engine cannot run (by default: when mlx-vlm is not installed);
+        ``model_root``, when set, confines ``load`` to that directory."""
         self._text = text
         self._vision_factory = vision
         self._vision: Engine | None = None
@@ -54,6 +65,7 @@ class RoutingEngine:
         self._require_vision = require_vision or _require_mlx_vlm
         self._current: Engine = text
         self._trust_remote_code = trust_remote_code  # --trust-remote-code
+        self._model_root = Path(os.path.realpath(model_root)) if model_root else None
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -64,18 +76,23 @@ class RoutingEngine:
         # before anything is read: a request may not turn on remote code by itself
         remote_code_allowed(request, worker_allows=self._trust_remote_code)
         require_mlx(request.id)  # before the vision check: mlx-vlm needs MLX too
-        directory = resolve_model_dir(request.path)
-        kind = kind_of(directory)
+        files = open_model(request.path, request.adapter_path, root=self._model_root)
+        kind = model_kind(files.config)
         target = self._vision_engine() if kind is ModelKind.VISION else self._text
         if target is not self._current and self._current.facts() is not None:
             # the target engine's own gate would not count the other engine's model
-            check_fits(weights_bytes(directory), self._available_memory(), force=request.force)
+            check_fits(
+                files.footprint(request.context_len),
+                self._available_memory(),
+                force=request.force,
+            )
         if kind is ModelKind.VISION:
             self._require_vision(request.path)
         if target is not self._current:
             self._current.unload()
             self._current = target
-        return target.load(request)
+        adapter = str(files.adapter) if files.adapter is not None else None
+        return target.load(replace(request, path=str(files.directory), adapter_path=adapter))
 
     def unload(self) -> bool:
         return self._current.unload()

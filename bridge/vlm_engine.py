@@ -53,7 +53,7 @@ from .mlx_engine import DEFAULT_PREFILL_STEP
 from .mlx_facts import model_facts
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
-from .model_files import check_fits, resolve_model_dir, weights_bytes
+from .model_files import check_fits, open_model
 from .prompt_tokens import encode_prompt
 from .remote_code import CodeGuard, remote_code_allowed
 
@@ -126,9 +126,11 @@ class MlxVlmEngine:
 
     def load(self, request: Load) -> ModelFacts:
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
-        directory = resolve_model_dir(request.path)
-        needed = weights_bytes(directory)
-        check_fits(needed, self._available_memory(), force=request.force)
+        files = open_model(request.path, request.adapter_path)  # every file checked
+        directory, needed = files.directory, files.weights_bytes
+        check_fits(
+            files.footprint(request.context_len), self._available_memory(), force=request.force
+        )
         require_mlx_vlm(request.path)
         self.unload()
 

@@ -89,5 +89,9 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
         )
 
     return RoutingEngine(
-        text, vision, memory_budget=args.memory_budget, trust_remote_code=args.trust_remote_code
+        text,
+        vision,
+        memory_budget=args.memory_budget,
+        trust_remote_code=args.trust_remote_code,
+        model_root=args.model_root,
     )

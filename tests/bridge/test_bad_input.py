@@ -124,7 +124,8 @@ def test_nonexistent_path_and_non_model_directory(worker: WorkerProcess, tmp_pat
     uncached = worker.call({"cmd": "load", "id": 3, "path": "nobody/no-such-model"})
     assert uncached["code"] == "model_not_found" and "cache" in uncached["error"]
     (tmp_path / "config.json").write_text('{"model_type": "no_such_arch"}')
-    (tmp_path / "model.safetensors").write_bytes(b"not weights")
+    # a valid, empty safetensors file: the checks pass and mlx-lm fails on the architecture
+    (tmp_path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     broken = worker.call({"cmd": "load", "id": 4, "path": str(tmp_path)})
     assert broken["code"] == "load_failed"
     # a failed load leaves no model behind (the old one was freed first)

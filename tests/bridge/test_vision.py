@@ -360,7 +360,10 @@ def test_switching_kinds_checks_memory_before_unloading(tiny_model: Path, tiny_v
     def size(directory: Path) -> int:
         return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
-    text, vision = size(tiny_model), size(tiny_vlm)
+    # the gate also counts the KV cache of 4,096 tokens (max_position_embeddings), the same
+    # for both: 2 layers × 2 KV heads × head dim 16 × 2 (K and V) × 4 bytes per token
+    kv = 2 * 2 * 16 * 2 * 4 * 4096
+    text, vision = size(tiny_model) + kv, size(tiny_vlm) + kv
     assert text < vision
     budget = int((text + vision) / 2 / 0.9)  # fits the text model, not the vision model
     with WorkerProcess(WORKER, ["--memory-budget", str(budget)]) as worker:
@@ -380,7 +383,7 @@ def test_without_mlx_vlm_a_vision_model_is_load_failed(tiny_model: Path, tmp_pat
     (model / "config.json").write_text(
         json.dumps({"model_type": "llava", "vision_config": {"hidden_size": 8}})
     )
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors
     paths = [str(stub), str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
     with WorkerProcess(WORKER, env=env) as worker:
