@@ -27,6 +27,7 @@ from protocol.requests import (
     Tokenize,
 )
 
+from .detokenizer import for_tokenizer
 from .engine import Prepared, ShouldAbort, Step
 from .generation import Outcome
 from .mlx_facts import model_facts
@@ -201,6 +202,9 @@ class MlxLmEngine:
 
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_ids
+        # mlx-lm's own text (r.text) is not used: its BPE detokenizer drops
+        # the first token's space, and the stream must join up to detokenize
+        text = for_tokenizer(tokenizer)
         fed = list(prompt)  # every token the cache may hold, in order
         keep = False  # whether the cache is in a known state when this ends
         responses = stream_generate(
@@ -216,12 +220,17 @@ class MlxLmEngine:
         )
         try:
             for r in responses:
-                fed.append(r.token)
-                logprob, top = step_logprobs(r.logprobs, r.token, s.logprobs, tokenizer)
+                token = r.token
+                fed.append(token)
+                is_eos = r.finish_reason == "stop" and token in eos
+                piece = "" if is_eos else text.add(token)
+                if r.finish_reason is not None:
+                    piece += text.finish()
+                logprob, top = step_logprobs(r.logprobs, token, s.logprobs, tokenizer)
                 yield Step(
-                    text=r.text,
-                    token_id=r.token,
-                    is_eos=r.finish_reason == "stop" and r.token in eos,
+                    text=piece,
+                    token_id=token,
+                    is_eos=is_eos,
                     finish_reason=r.finish_reason,
                     logprob=logprob,
                     top_logprobs=top,

@@ -47,6 +47,7 @@ from protocol.requests import (
     Tokenize,
 )
 
+from .detokenizer import for_tokenizer
 from .engine import Prepared, ShouldAbort, Step
 from .images import ImagePolicy, image_parts, load_images
 from .mlx_engine import DEFAULT_PREFILL_STEP
@@ -210,8 +211,7 @@ class MlxVlmEngine:
         processor = loaded.processor
         tokenizer = _tokenizer(processor)
         stopping = tokenizer.stopping_criteria
-        detokenizer = loaded.detokenizer
-        detokenizer.reset()
+        text = for_tokenizer(tokenizer)  # the stream joins up to detokenize
         with wired_limit(model, [generation_stream]):
             steps = generate_step(
                 mx.array([list(prepared.tokens)]),
@@ -239,13 +239,12 @@ class MlxVlmEngine:
                     token = int(token)
                     eos = bool(stopping(token))
                     last = eos or n + 1 == s.max_tokens
-                    if not eos:
-                        detokenizer.add_token(token)
+                    piece = "" if eos else text.add(token)
                     if last:
-                        detokenizer.finalize()
+                        piece += text.finish()
                     logprob, top = step_logprobs(logprobs, token, s.logprobs, tokenizer)
                     yield Step(
-                        text=detokenizer.last_segment,
+                        text=piece,
                         token_id=token,
                         is_eos=eos,
                         finish_reason=("stop" if eos else "length") if last else None,
