@@ -61,6 +61,7 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
             prefill_step_size=args.prefill_step_size,
             memory_budget=args.memory_budget,
             images=policy,
+            max_prompt_tokens=args.max_prompt_tokens or None,
         )
 
     return RoutingEngine(text, vision, memory_budget=args.memory_budget)
