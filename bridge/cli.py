@@ -69,6 +69,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
+    from .context_limits import DEFAULT_MAX_PROMPT_TOKENS
     from .mlx_engine import DEFAULT_PREFILL_STEP
     from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 
@@ -120,6 +121,15 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="most bytes the kept KV caches may hold; 0 turns it off "
         f"(default: {DEFAULT_MAX_BYTES})",
     )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=non_negative_int,
+        default=DEFAULT_MAX_PROMPT_TOKENS,
+        metavar="N",
+        help="most prompt tokens one generate or chat may have (the model's context "
+        "limits it too); longer is context_length_exceeded; 0: no cap beyond the context "
+        f"(default: {DEFAULT_MAX_PROMPT_TOKENS})",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -167,10 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_cache_entries=args.prompt_cache_entries,
         prompt_cache_bytes=args.prompt_cache_bytes,
         trust_remote_code=args.trust_remote_code,
+        max_prompt_tokens=args.max_prompt_tokens or None,
     )
     engine = routing_engine(text, args)
     options = ServeOptions(
-        max_line_bytes=args.max_line_bytes, max_queue=args.max_queue, preload=args.model
+        max_line_bytes=args.max_line_bytes,
+        max_queue=args.max_queue,
+        preload=args.model,
+        max_prompt_tokens=args.max_prompt_tokens or None,
     )
     return serve(engine, options)
 

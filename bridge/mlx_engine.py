@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
@@ -23,10 +24,13 @@ from protocol.requests import (
     GenerationRequest,
     Inspect,
     Load,
+    Sampling,
     TextPart,
     Tokenize,
 )
 
+from .context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
+from .detokenizer import for_tokenizer
 from .engine import Prepared, ShouldAbort, Step
 from .generation import Outcome
 from .mlx_facts import model_facts
@@ -98,9 +102,11 @@ class MlxLmEngine:
         prompt_cache_entries: int = DEFAULT_MAX_ENTRIES,
         prompt_cache_bytes: int = DEFAULT_MAX_BYTES,
         trust_remote_code: bool = False,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> None:
         self._prefill_step_size = prefill_step_size
         self._trust_remote_code = trust_remote_code  # --trust-remote-code
+        self._max_prompt_tokens = max_prompt_tokens
         self._memory_budget = memory_budget
         self._loaded: _Loaded | None = None
         self._caches = PromptCacheStore(
@@ -153,13 +159,25 @@ class MlxLmEngine:
     def prepare(self, request: GenerationRequest) -> Prepared:
         loaded = self._require(request)
         tokenizer = loaded.tokenizer
+        limits = ContextLimits(
+            context_len=loaded.facts.context_len, max_prompt_tokens=self._max_prompt_tokens
+        )
+        sampling = fit_vocab(request, loaded.facts.vocab_size)
         tool_format = None
         tools = None
         match request:
             case Generate():
-                tokens = encode_prompt(tokenizer, request.prompt)
+                field_name = "prompt"
+                tokens = limits.encode(
+                    partial(encode_prompt, tokenizer),
+                    request.prompt,
+                    field=field_name,
+                    sampling=sampling,
+                    request_id=request.id,
+                )
             case Chat():
-                tokens = self._chat_tokens(tokenizer, request)
+                field_name = "messages"
+                tokens = self._chat_tokens(tokenizer, request, limits, sampling)
                 tools = request.tools or None
                 if tools:
                     tool_format = ToolCallFormat.of(tokenizer)
@@ -170,9 +188,12 @@ class MlxLmEngine:
                         )
         if not tokens:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
+        sampling = limits.check(
+            len(tokens), field=field_name, sampling=sampling, request_id=request.id
+        )
         return MlxPrepared(
             tokens=tuple(tokens),
-            sampling=fit_vocab(request, loaded.facts.vocab_size),
+            sampling=sampling,
             cache_key=request.cache_key,
             tool_format=tool_format,
             tools=tools,
@@ -211,6 +232,9 @@ class MlxLmEngine:
 
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_ids
+        # mlx-lm's own text (r.text) is not used: its BPE detokenizer drops
+        # the first token's space, and the stream must join up to detokenize
+        text = for_tokenizer(tokenizer)
         fed = list(prompt)  # every token the cache may hold, in order
         keep = False  # whether the cache is in a known state when this ends
         responses = stream_generate(
@@ -226,12 +250,17 @@ class MlxLmEngine:
         )
         try:
             for r in responses:
-                fed.append(r.token)
-                logprob, top = step_logprobs(r.logprobs, r.token, s.logprobs, tokenizer)
+                token = r.token
+                fed.append(token)
+                is_eos = r.finish_reason == "stop" and token in eos
+                piece = "" if is_eos else text.add(token)
+                if r.finish_reason is not None:
+                    piece += text.finish()
+                logprob, top = step_logprobs(r.logprobs, token, s.logprobs, tokenizer)
                 yield Step(
-                    text=r.text,
-                    token_id=r.token,
-                    is_eos=r.finish_reason == "stop" and r.token in eos,
+                    text=piece,
+                    token_id=token,
+                    is_eos=is_eos,
                     finish_reason=r.finish_reason,
                     logprob=logprob,
                     top_logprobs=top,
@@ -309,12 +338,34 @@ class MlxLmEngine:
         freed = self._loaded.weights_bytes if self._loaded else 0
         return available_memory(self._memory_budget, freed=freed)
 
-    def _chat_tokens(self, tokenizer: TokenizerWrapper, request: Chat) -> list[int]:
+    def _chat_tokens(
+        self,
+        tokenizer: TokenizerWrapper,
+        request: Chat,
+        limits: ContextLimits,
+        sampling: Sampling,
+    ) -> list[int]:
         messages = [_template_message(m, i, request) for i, m in enumerate(request.messages)]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         if request.tools:
             kwargs["tools"] = [dict(t) for t in request.tools]
         if tokenizer.has_chat_template:
+            if limits.worth_prechecking(chat_chars(request)):
+                # refuse a chat far over the limit before tokenizing it whole
+                try:
+                    text = tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=False, **kwargs
+                    )
+                except Exception:  # the tokenizing call below reports it
+                    text = None
+                if isinstance(text, str):
+                    limits.precheck(
+                        partial(tokenizer.encode, add_special_tokens=False),
+                        text,
+                        field="messages",
+                        sampling=sampling,
+                        request_id=request.id,
+                    )
             try:
                 return list(
                     tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
@@ -325,7 +376,9 @@ class MlxLmEngine:
                 ) from None
         log.warning("model has no chat template; joining messages as 'role: content' lines")
         text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages) + "assistant: "
-        return list(tokenizer.encode(text))
+        return limits.encode(
+            tokenizer.encode, text, field="messages", sampling=sampling, request_id=request.id
+        )
 
 
 def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class ServeOptions:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_queue: int = 256
     preload: str | None = None
+    max_prompt_tokens: int | None = None  # reported in hello's limits when set
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
     # Reported only when installed: their absence tells the host something.
     optional_versions: tuple[str, ...] = ("mlx-vlm",)
@@ -77,6 +78,8 @@ def serve(
         "max_queue": options.max_queue,
         "max_logprobs": MAX_LOGPROBS,
     }
+    if options.max_prompt_tokens:
+        limits["max_prompt_tokens"] = options.max_prompt_tokens
 
     def hello(request_id: RequestId | None) -> HelloReply:
         if not versions:

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import BadImage, InvalidRequest, LoadFailed, NoModel
@@ -43,10 +44,13 @@ from protocol.requests import (
     ImagePart,
     Inspect,
     Load,
+    Sampling,
     TextPart,
     Tokenize,
 )
 
+from .context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits
+from .detokenizer import for_tokenizer
 from .engine import Prepared, ShouldAbort, Step
 from .images import ImagePolicy, image_parts, load_images
 from .mlx_engine import DEFAULT_PREFILL_STEP
@@ -112,9 +116,11 @@ class MlxVlmEngine:
         memory_budget: int | None = None,
         images: ImagePolicy | None = None,
         trust_remote_code: bool = False,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> None:
         self._prefill_step_size = prefill_step_size
         self._trust_remote_code = trust_remote_code  # --trust-remote-code
+        self._max_prompt_tokens = max_prompt_tokens
         self._memory_budget = memory_budget
         self._images = images or ImagePolicy()
         self._loaded: _Loaded | None = None
@@ -176,21 +182,32 @@ class MlxVlmEngine:
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         loaded = self._require(request)
+        limits = ContextLimits(
+            context_len=loaded.facts.context_len, max_prompt_tokens=self._max_prompt_tokens
+        )
+        sampling = fit_vocab(request, loaded.facts.vocab_size)
         match request:
             case Generate():
-                tokens = encode_prompt(_tokenizer(loaded.processor), request.prompt)
+                tokens = limits.encode(
+                    partial(encode_prompt, _tokenizer(loaded.processor)),
+                    request.prompt,
+                    field="prompt",
+                    sampling=sampling,
+                    request_id=request.id,
+                )
                 if not tokens:
                     raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
-                return Prepared(
-                    tokens=tuple(tokens), sampling=fit_vocab(request, loaded.facts.vocab_size)
+                sampling = limits.check(
+                    len(tokens), field="prompt", sampling=sampling, request_id=request.id
                 )
+                return Prepared(tokens=tuple(tokens), sampling=sampling)
             case Chat():
                 if request.tools:
                     log.warning(
                         "tools given to a vision model: they are not passed to its chat "
                         "template and its answer is not parsed for tool calls"
                     )
-                return self._prepare_chat(loaded, request)
+                return self._prepare_chat(loaded, request, limits, sampling)
 
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
@@ -220,8 +237,7 @@ class MlxVlmEngine:
         processor = loaded.processor
         tokenizer = _tokenizer(processor)
         stopping = tokenizer.stopping_criteria
-        detokenizer = loaded.detokenizer
-        detokenizer.reset()
+        text = for_tokenizer(tokenizer)  # the stream joins up to detokenize
         with wired_limit(model, [generation_stream]):
             steps = generate_step(
                 mx.array([list(prepared.tokens)]),
@@ -249,13 +265,12 @@ class MlxVlmEngine:
                     token = int(token)
                     eos = bool(stopping(token))
                     last = eos or n + 1 == s.max_tokens
-                    if not eos:
-                        detokenizer.add_token(token)
+                    piece = "" if eos else text.add(token)
                     if last:
-                        detokenizer.finalize()
+                        piece += text.finish()
                     logprob, top = step_logprobs(logprobs, token, s.logprobs, tokenizer)
                     yield Step(
-                        text=detokenizer.last_segment,
+                        text=piece,
                         token_id=token,
                         is_eos=eos,
                         finish_reason=("stop" if eos else "length") if last else None,
@@ -341,7 +356,9 @@ class MlxVlmEngine:
             remote_images=self._images.allow_remote,
         )
 
-    def _prepare_chat(self, loaded: _Loaded, request: Chat) -> Prepared:
+    def _prepare_chat(
+        self, loaded: _Loaded, request: Chat, limits: ContextLimits, sampling: Sampling
+    ) -> Prepared:
         from mlx_vlm.prompt_utils import apply_chat_template
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
@@ -367,6 +384,15 @@ class MlxVlmEngine:
             raise InvalidRequest(
                 f"messages: the chat template failed: {exc}", request_id=request.id
             ) from None
+        if isinstance(prompt, str) and limits.worth_prechecking(len(prompt)):
+            # the text without the image tokens: a lower bound, counted cheaply
+            limits.precheck(
+                partial(_tokenizer(processor).encode, add_special_tokens=False),
+                prompt,
+                field="messages",
+                sampling=sampling,
+                request_id=request.id,
+            )
         try:
             inputs = prepare_inputs(
                 processor,
@@ -386,6 +412,9 @@ class MlxVlmEngine:
         tokens: list[int] = input_ids.flatten().tolist() if input_ids is not None else []
         if not tokens:
             raise InvalidRequest("messages: encode to zero tokens", request_id=request.id)
+        sampling = limits.check(
+            len(tokens), field="messages", sampling=sampling, request_id=request.id
+        )
         extra = {
             k: v
             for k, v in inputs.items()
@@ -393,7 +422,7 @@ class MlxVlmEngine:
         }
         return VisionPrepared(
             tokens=tuple(tokens),
-            sampling=fit_vocab(request, loaded.facts.vocab_size),
+            sampling=sampling,
             pixel_values=inputs.get("pixel_values") if images else None,
             mask=inputs.get("attention_mask"),
             extra=extra,

@@ -86,6 +86,7 @@ def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
             memory_budget=args.memory_budget,
             images=policy,
             trust_remote_code=args.trust_remote_code,
+            max_prompt_tokens=args.max_prompt_tokens or None,
         )
 
     return RoutingEngine(

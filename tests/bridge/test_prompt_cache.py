@@ -24,7 +24,7 @@ from tests.schema_check import validate_request
 
 STDLIB = Path(os.__file__).parent
 SYSTEM = (STDLIB / "textwrap.py").read_text()[:1500]  # about 450 tokens
-LONG_USER = (STDLIB / "os.py").read_text()[:11000]  # about 3,600 tokens
+LONG_USER = (STDLIB / "os.py").read_text()[:8000]  # about 3,300 tokens
 QUESTIONS = ["Explain this module.", "Now shorten it.", "And the tests?", "Thanks. One more?"]
 
 
@@ -402,15 +402,24 @@ def test_the_entry_and_byte_bounds(tiny_model: Path) -> None:
         assert chat(worker, conversation(), "a")[-1]["cached_tokens"] == 0
 
 
-def test_a_wrapped_rotating_cache_runs_cold(tiny_model: Path) -> None:
-    """With ``context_len`` the KV cache rotates; once it has wrapped it cannot be
-    trimmed, so a retry runs cold and equals a worker without the cache."""
-    messages = conversation()
+def test_a_context_len_cache_never_wraps(tiny_model: Path) -> None:
+    """With ``context_len`` the KV cache is a rotating one of that size, which
+    cannot be trimmed once it is full. A prompt over ``context_len`` is refused
+    and generation stops at a full context, so it never wraps: a retry of a
+    turn that filled it runs cold, one that did not reuses it, and both equal a
+    worker without the cache."""
     with start(tiny_model, context_len=128) as hot_worker:
-        first = chat(hot_worker, messages, "rot")
-        assert first[-1]["prompt_tokens"] > 128
-        retry = chat(hot_worker, messages, "rot")
+        over = hot_worker.call({"cmd": "chat", "id": "c", "messages": conversation()})
+        assert over["code"] == "context_length_exceeded"
+        short = [{"role": "user", "content": QUESTIONS[0]}]
+        full = chat(hot_worker, short, "rot", max_tokens=999)
+        assert full[-1]["prompt_tokens"] + full[-1]["tokens_generated"] == 128
+        full_retry = chat(hot_worker, short, "rot", max_tokens=999)
+        part = chat(hot_worker, short, "part", max_tokens=20)
+        part_retry = chat(hot_worker, short, "part", max_tokens=20)
     with start(tiny_model, "--prompt-cache-entries", "0", context_len=128) as cold_worker:
-        ref = chat(cold_worker, messages)
-    assert retry[-1]["cached_tokens"] == 0
-    assert token_ids(retry) == token_ids(first) == token_ids(ref)
+        ref = chat(cold_worker, short, max_tokens=999)
+    assert full_retry[-1]["cached_tokens"] == 0
+    assert token_ids(full_retry) == token_ids(full) == token_ids(ref)
+    assert part_retry[-1]["cached_tokens"] == part_retry[-1]["prompt_tokens"] - 1
+    assert token_ids(part_retry) == token_ids(part) == token_ids(ref)[:20]

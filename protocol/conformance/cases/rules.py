@@ -152,9 +152,24 @@ def round_trip(text: str) -> Check:
     return Check(repr(text), lambda got: got in (text, " " + text))
 
 
+def prompt_limit(s: Session) -> int | None:
+    """The most prompt tokens the worker accepts: the loaded model's context
+    (``info``) less one, and hello's ``limits.max_prompt_tokens``; None if neither."""
+    limits = []
+    info = s.call({"cmd": "info", "id": s.fresh_id("info")})
+    context = info.get("context_len")
+    if isinstance(context, int):
+        limits.append(context - 1)
+    cap = (s.hello or {}).get("limits", {}).get("max_prompt_tokens")
+    if isinstance(cap, int):
+        limits.append(cap)
+    return min(limits) if limits else None
+
+
 def prefill_prompt(s: Session) -> str:
     """A prompt whose prefill takes about 2 s on this worker (measured once per worker
-    with a 200-word probe; at least 400 and at most 20,000 words)."""
+    with a 200-word probe; at least 400 and at most 20,000 words), and that fits
+    the worker's prompt limit."""
     cached = s.memo.get("prefill_prompt")
     if isinstance(cached, str):
         return cached
@@ -164,6 +179,11 @@ def prefill_prompt(s: Session) -> str:
     done = done_of(probe)
     seconds = done["prompt_tokens"] / done["prompt_tps"] if done["prompt_tps"] > 0 else 0.0
     count = PREFILL_MAX_WORDS if seconds <= 0 else int(200 * PREFILL_TARGET_S / seconds)
-    prompt = words(max(PREFILL_MIN_WORDS, min(PREFILL_MAX_WORDS, count)))
+    count = max(PREFILL_MIN_WORDS, min(PREFILL_MAX_WORDS, count))
+    most = prompt_limit(s)
+    if most is not None and done["prompt_tokens"] > 0:
+        # a longer prompt is context_length_exceeded; keep a tenth in hand
+        count = min(count, int(most * 0.9 * 200 / done["prompt_tokens"]))
+    prompt = words(count)
     s.memo["prefill_prompt"] = prompt
     return prompt
