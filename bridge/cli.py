@@ -41,6 +41,12 @@ def parser(prog: str = "python -m bridge") -> argparse.ArgumentParser:
         metavar="N",
         help="requests that may wait; more are refused with 'busy' (default: 256)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse requests with unknown fields (invalid_request naming the field); "
+        "by default they are ignored and their names logged",
+    )
     return p
 
 
@@ -121,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     engine = routing_engine(text, args)
     options = ServeOptions(
-        max_line_bytes=args.max_line_bytes, max_queue=args.max_queue, preload=args.model
+        max_line_bytes=args.max_line_bytes,
+        max_queue=args.max_queue,
+        strict=args.strict,
+        preload=args.model,
     )
     return serve(engine, options)

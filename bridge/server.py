@@ -38,6 +38,8 @@ EXIT_GRACE_S = 0.8
 class ServeOptions:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_queue: int = 256
+    # Refuse unknown request fields (invalid_request) instead of logging them.
+    strict: bool = False
     preload: str | None = None
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
     # Reported only when installed: their absence tells the host something.
@@ -98,6 +100,7 @@ def serve(
         writer=writer,
         hello=hello,
         max_line_bytes=options.max_line_bytes,
+        strict=options.strict,
     )
     scheduler.start()
     if options.preload:
@@ -105,7 +108,10 @@ def serve(
     quit_request = None
     try:
         for line in read_lines(stdin, options.max_line_bytes):
-            quit_request = router.dispatch(line)
+            try:
+                quit_request = router.dispatch(line)
+            except Exception:  # dispatch answers its own failures; this is the last guard
+                log.exception("request line dropped")
             scheduler.release_warm_up()
             if quit_request is not None or writer.broken:
                 break
