@@ -117,7 +117,7 @@ def read_lines(stream: BinaryIO, max_bytes: int) -> Iterator[bytes | Oversized]:
 
 
 def _rest_of_line(stream: BinaryIO, first: bytes, chunk: int, max_bytes: int) -> bytes | Oversized:
-    held: bytearray | None = bytearray(first)
+    held: list[bytes] | None = [first]  # pieces, joined once: no growing buffer to copy
     size = len(first)
     tail = first[-2:]
     while not tail.endswith(b"\n"):
@@ -127,12 +127,10 @@ def _rest_of_line(stream: BinaryIO, first: bytes, chunk: int, max_bytes: int) ->
         size += len(piece)
         tail = (tail + piece)[-2:]
         if held is not None:
-            held += piece
-            if len(held) > max_bytes + 2:  # over the limit whatever its ending: drop it
+            held.append(piece)
+            if size > max_bytes + 2:  # over the limit whatever its ending: drop it
                 held = None
-    if held is None:
-        return _without_ending(b"", size, tail, max_bytes)
-    return _without_ending(bytes(held), size, tail, max_bytes)
+    return _without_ending(b"".join(held or ()), size, tail, max_bytes)
 
 
 def _without_ending(line: bytes, size: int, tail: bytes, max_bytes: int) -> bytes | Oversized:
