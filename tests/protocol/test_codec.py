@@ -499,7 +499,10 @@ NESTED_CASES: list[tuple[dict[str, Any], str]] = [
         "messages[0].content[0].image_url: ",
     ),
     (
-        {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        {
+            **CHAT,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+        },
         "messages[0].content[0].image_url.url: ",
     ),
     ({**CHAT, "messages": [{"role": "user", "content": [3]}]}, "messages[0].content[0]: "),
