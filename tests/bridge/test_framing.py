@@ -23,7 +23,7 @@ LIMIT = 1000
 
 def lines_of(data: bytes, limit: int = LIMIT) -> list[bytes | int]:
     """What ``read_lines`` yields, with an Oversized as its size."""
-    stream = io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
+    stream = io.BufferedReader(io.BytesIO(data))
     return [x.size if isinstance(x, Oversized) else x for x in read_lines(stream, limit)]
 
 
