@@ -17,8 +17,13 @@ MEMORY_HEADROOM = 0.9
 
 
 def resolve_model_dir(path: str) -> Path:
-    local = Path(path).expanduser()
-    if local.exists():
+    try:
+        local = Path(path).expanduser()
+        exists = local.exists()
+    except (RuntimeError, OSError) as exc:  # ~nosuchuser; a name too long for the OS
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ModelNotFound(f"path: cannot resolve {path[:200]}: {reason}") from None
+    if exists:
         if not local.is_dir():
             raise ModelNotFound(f"path: {path} is a file, not a model directory")
         return _checked(local)
