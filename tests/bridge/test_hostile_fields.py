@@ -274,12 +274,15 @@ def test_every_field_with_hostile_values(tools_model: Path, tmp_path: Path) -> N
                 problems.append(f"{label}: no terminal line within 60 s")
                 break
             terminal = lines[-1]
-            code = terminal.get("code", terminal["type"])
+            code = str(terminal.get("code", terminal["type"]))
             codes[code] += 1
             if code == "internal":
                 problems.append(f"{label}: internal: {terminal['error']:.300}")
             if expected_id is None and code != "invalid_json":
                 problems.append(f"{label}: unreadable line answered {str(terminal):.300}")
+        summary = f"{sum(codes.values())} requests in {time.monotonic() - started:.1f}s: {codes}"
+        assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} problems; {summary})"
+        assert codes["invalid_request"] > 500, summary  # the sweep did reach the parser
         # nothing more was written: every request had exactly one terminal line
         assert worker.call({"cmd": "ping", "id": "after"}) == {
             "type": "pong",
@@ -287,7 +290,3 @@ def test_every_field_with_hostile_values(tools_model: Path, tmp_path: Path) -> N
             "ok": True,
         }, "a line was left over"
         assert worker.proc.poll() is None
-    elapsed = time.monotonic() - started
-    summary = f"{sum(codes.values())} requests in {elapsed:.1f}s: {dict(codes)}"
-    assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} problems; {summary})"
-    assert codes["invalid_request"] > 500, summary  # the sweep did reach the parser
