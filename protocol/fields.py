@@ -270,26 +270,29 @@ def _bound(value: float | None) -> str:
 
 
 def too_deep(value: object, limit: int = MAX_JSON_DEPTH, *, path: str = "") -> str | None:
-    """The path of the first value nested deeper than ``limit`` levels below
-    ``value`` (``value`` itself is level 1), or None. Iterative, so any depth
-    is safe to check."""
-    stack: list[tuple[object, int, str]] = [(value, 1, path)]
+    """The path of the first array or object nested deeper than ``limit``
+    levels (``value`` itself is level 1), or None. Iterative, so any depth is
+    safe to check; only containers are visited, and a path is spelled out
+    only for the one that fails."""
+    stack: list[tuple[dict[str, object] | list[object], tuple[str | int, ...]]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, ()))
     while stack:
-        item, depth, where = stack.pop()
-        if isinstance(item, dict):
-            children: list[tuple[str, object]] = [
-                (f"{where}.{k}" if where else str(k), v) for k, v in item.items()
-            ]
-        elif isinstance(item, list):
-            children = [(f"{where}[{i}]", v) for i, v in enumerate(item)]
-        else:
-            continue
-        for child_path, child in children:
+        item, keys = stack.pop()
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
             if isinstance(child, dict | list):
-                if depth + 1 > limit:
-                    return child_path
-                stack.append((child, depth + 1, child_path))
+                if len(keys) + 1 >= limit:
+                    return _spell(path, (*keys, key))
+                stack.append((child, (*keys, key)))
     return None
+
+
+def _spell(path: str, keys: tuple[str | int, ...]) -> str:
+    out = path
+    for key in keys:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    return out
 
 
 # In JSON text: a string literal (skipped whole) or one bracket.
