@@ -4,6 +4,8 @@ represent are refused at the edge, typos are logged (or refused under
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +197,24 @@ def test_mock_worker_takes_strict_too() -> None:
         assert mock.call({"cmd": "ping", "id": 1})["type"] == "pong"
         reply = mock.call({"cmd": "ping", "id": 2, "pnig": 1})
         assert reply["code"] == "invalid_request" and reply["error"].startswith("pnig: unknown")
+
+
+def test_a_reply_too_big_for_json_still_ends_its_request(
+    worker: WorkerProcess, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A config whose max_position_embeddings is 10**30 puts an integer beyond
+    64 bits into the load's reply. The load still gets exactly one terminal
+    line (an ``internal`` error for its id, unless the config is refused
+    first), and the worker serves on; before, no line came and the next
+    ``info`` killed the process."""
+    model = tmp_path / "huge-context"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 10**30  # json writes it; orjson would refuse
+    (model / "config.json").write_text(json.dumps(config))
+    reply = worker.call({"cmd": "load", "id": "huge", "path": str(model)})
+    assert reply["type"] == "error" and reply["code"] in ("internal", "load_failed"), reply
+    info = worker.call({"cmd": "info", "id": "after"})
+    assert info["type"] == "info" or info["code"] in ("internal", "no_model"), info
+    assert worker.call({"cmd": "ping", "id": "alive"})["type"] == "pong"
+    assert worker.call({"cmd": "load", "id": "back", "path": str(tiny_model)})["type"] == "loaded"
