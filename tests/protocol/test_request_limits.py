@@ -4,13 +4,17 @@ one list of known fields, which the parsers must read exactly."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol.codec import decode_request, decode_request_checked
-from protocol.errors import InvalidJson, InvalidRequest
+from protocol.errors import InvalidJson, InvalidRequest, UnknownCommand
 from protocol.fields import MAX_INT32, MAX_JSON_DEPTH, text_too_deep, too_deep
 from protocol.requests import (
     CONTENT_PART_FIELDS,
@@ -395,3 +399,63 @@ def test_the_content_part_fields_are_what_the_parser_reads() -> None:
     parse_request({"cmd": "chat", "messages": [{"role": "user", "content": parts}]})
     assert part_seen == CONTENT_PART_FIELDS
     assert url_seen | {"detail"} == IMAGE_URL_FIELDS  # detail: OpenAI's, accepted, unused
+
+
+# -- any value in any field: a typed error or a request, nothing else --------------------------
+
+HOSTILE_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["\0", "NaN", "~nosuchuser/x", "-1", "[" * 80, "9" * 5000])
+)
+HOSTILE_VALUES = st.recursive(
+    HOSTILE_SCALARS,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+VALID: dict[str, dict[str, Any]] = {
+    "load": {"path": "/m"},
+    "generate": {"prompt": "x"},
+    "chat": {"messages": [{"role": "user", "content": "x"}]},
+    "tokenize": {"text": "x"},
+    "detokenize": {"tokens": [1]},
+    "inspect": {"prompt": "x"},
+}
+FIELDS_OF_EVERY_COMMAND = [(cmd, f) for cmd in sorted(REQUEST_FIELDS) for f in REQUEST_FIELDS[cmd]]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(FIELDS_OF_EVERY_COMMAND), HOSTILE_VALUES, st.booleans())
+def test_any_value_in_any_field_is_a_request_or_a_typed_error(
+    cmd_field: tuple[str, str], value: object, strict: bool
+) -> None:
+    cmd, field = cmd_field
+    raw = {"cmd": cmd, **VALID.get(cmd, {}), field: value}
+    try:
+        request, _ = parse_request_checked(raw, strict=strict)
+    except (InvalidRequest, UnknownCommand) as exc:
+        assert exc.message.split(":", 1)[0].split("[")[0].split(".")[0] in (field, "id", "cmd")
+        return
+    # every integer that was accepted fits what JSON and MLX carry
+    assert all(-(2**63) <= n < 2**64 for n in _integers(request)), request
+
+
+def _integers(value: object) -> Iterator[int]:
+    """The integers of a parsed request, outside the free-form values
+    (``mock``, ``tools``, ``tool_calls``, ``chat_template_kwargs``)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value
+    elif isinstance(value, tuple):
+        for item in value:
+            yield from _integers(item)
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            if f.name not in ("mock", "tools", "tool_calls", "chat_template_kwargs"):
+                yield from _integers(getattr(value, f.name))
