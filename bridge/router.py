@@ -32,6 +32,7 @@ from protocol.requests import (
     Quit,
     Tokenize,
     Unload,
+    field_list,
 )
 
 from .engine import Engine
@@ -75,7 +76,7 @@ class Router:
                 log.warning(
                     "request %s: ignored unknown field(s): %s",
                     "without id" if request.id is None else repr(request.id),
-                    ", ".join(dict.fromkeys(unknown)),
+                    field_list(unknown),
                 )
             match request:
                 case Quit():

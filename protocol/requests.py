@@ -21,7 +21,7 @@ A request without ``id`` belongs to the legacy (go-mlx) dialect; with an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InvalidJson, InvalidRequest, RequestId, UnknownCommand
@@ -245,7 +245,7 @@ def parse_request_checked(raw: object, *, strict: bool = False) -> tuple[Request
     unknown = unknown_fields(raw)
     if strict and unknown:
         raise InvalidRequest(
-            f"{unknown[0]}: unknown field{_did_you_mean(raw, unknown[0])} "
+            f"{_short(unknown[0])}: unknown field{_did_you_mean(raw, unknown[0])} "
             "(refused: the worker runs with --strict)",
             request_id=request_id,
         )
@@ -276,9 +276,21 @@ def unknown_fields(raw: Mapping[str, object]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def field_list(paths: Sequence[str], *, most: int = 20) -> str:
+    """``paths`` for a log line: each once, in order, at most ``most`` of
+    them, each cut to 80 characters (a request may carry any keys)."""
+    unique = list(dict.fromkeys(paths))
+    shown = ", ".join(_short(p) for p in unique[:most])
+    return shown if len(unique) <= most else f"{shown} and {len(unique) - most} more"
+
+
+def _short(path: str, most: int = 80) -> str:
+    return path if len(path) <= most else f"{path[:most]}…"
+
+
 def _did_you_mean(raw: Mapping[str, object], path: str) -> str:
     """`` (did you mean 'max_tokens'?)`` for a top-level typo, else ''."""
-    if path not in raw:
+    if path not in raw or len(path) > 64:
         return ""
     import difflib  # here: only a refused typo needs it
 

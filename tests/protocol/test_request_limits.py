@@ -26,6 +26,7 @@ from protocol.requests import (
     Chat,
     Detokenize,
     Load,
+    field_list,
     parse_request,
     parse_request_checked,
 )
@@ -459,3 +460,12 @@ def _integers(value: object) -> Iterator[int]:
         for f in dataclasses.fields(value):
             if f.name not in ("mock", "tools", "tool_calls", "chat_template_kwargs"):
                 yield from _integers(getattr(value, f.name))
+
+
+def test_reported_field_names_are_bounded() -> None:
+    names = [f"k{i}" for i in range(30)] + ["k0", "z" * 1000]
+    listed = field_list(names)
+    assert listed.startswith("k0, k1, k2,") and listed.endswith("k19 and 11 more")
+    assert field_list(["z" * 1000]) == "z" * 80 + "…"
+    message = _error({"cmd": "ping", "z" * 1000: 1}, strict=True)
+    assert message.startswith("z" * 80 + "…: unknown field (refused")
