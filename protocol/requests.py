@@ -238,7 +238,7 @@ def parse_request_checked(raw: object, *, strict: bool = False) -> tuple[Request
     parser = _PARSERS.get(cmd)
     if parser is None:
         raise UnknownCommand(
-            f"cmd: unknown command {cmd!r}; known: {', '.join(COMMANDS)}",
+            f"cmd: unknown command {_short(repr(cmd))}; known: {', '.join(COMMANDS)}",
             request_id=request_id,
         )
     request = parser(f, request_id)
@@ -304,7 +304,7 @@ def _sampling(f: Fields) -> Sampling:
         repetition_penalty = f.number("repeat_penalty", 0.0, minimum=0.0)
     bias: list[tuple[int, float]] = []
     for key, value in (f.object_("logit_bias") or {}).items():
-        name = f"logit_bias[{key!r}]"
+        name = f"logit_bias[{_short(repr(key))}]"
         # the length bound first: int() of a 5,000-digit text raises ValueError
         if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= MAX_INT32):
             raise f.fail(name, f"keys must be token ids (decimal integers from 0 to {MAX_INT32})")
@@ -346,14 +346,14 @@ def _content(f: Fields, key: str) -> str | tuple[ContentPart, ...] | None:
                 raise part.fail("image_url", "required")
             parts.append(ImagePart(url=url))
         else:
-            raise part.fail("type", f"must be 'text' or 'image_url', got {kind!r}")
+            raise part.fail("type", f"must be 'text' or 'image_url', got {_short(repr(kind))}")
     return tuple(parts)
 
 
 def _message(m: Fields) -> ChatMessage:
     role = m.required_str("role", nonempty=True)
     if role not in ROLES:
-        raise m.fail("role", f"must be one of {', '.join(ROLES)}; got {role!r}")
+        raise m.fail("role", f"must be one of {', '.join(ROLES)}; got {_short(repr(role))}")
     content = _content(m, "content")
     name = m.str_("name")
     tool_calls = m.list_("tool_calls")
@@ -393,7 +393,7 @@ def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
     for tool in tools:
         kind = tool.str_("type")
         if kind is not None and kind != "function":
-            raise tool.fail("type", f"must be 'function', got {kind!r}")
+            raise tool.fail("type", f"must be 'function', got {_short(repr(kind))}")
         spec = tool.required_child("function")
         spec.required_str("name", nonempty=True)
         spec.object_("parameters")

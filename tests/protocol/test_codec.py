@@ -225,7 +225,7 @@ def test_encoder_writes_non_finite_floats_as_null() -> None:
 # -- valid requests keep their values ------------------------------------------------------
 
 SAMPLING_VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "max_tokens": st.integers(min_value=1, max_value=2**31),
+    "max_tokens": st.integers(min_value=1, max_value=2**31 - 1),
     "temperature": st.floats(min_value=0, max_value=10),
     "top_p": st.floats(min_value=0, max_value=1),
     "top_k": st.integers(min_value=0, max_value=1000),
