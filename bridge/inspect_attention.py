@@ -116,7 +116,7 @@ def requested_directory(raw: str | None) -> Path | None:
     try:
         return Path(raw).expanduser().absolute()
     except RuntimeError as exc:  # "Could not determine home directory."
-        raise BadDirectory(f"cannot expand {raw}: {exc}") from None
+        raise BadDirectory(f"cannot expand {raw[:200]}: {exc}") from None
 
 
 def output_directory(directory: Path | None) -> Path:
