@@ -65,6 +65,12 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="N",
         help="requests that may wait; more are refused with 'busy' (default: 256)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse requests with unknown fields (invalid_request naming the field); "
+        "by default they are ignored and their names logged",
+    )
     return p
 
 
@@ -183,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes,
         max_queue=args.max_queue,
+        strict=args.strict,
         preload=args.model,
         max_prompt_tokens=args.max_prompt_tokens or None,
     )

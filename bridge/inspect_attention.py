@@ -107,8 +107,16 @@ def layer_file(kind: str, layer: int) -> str:
 
 
 def requested_directory(raw: str | None) -> Path | None:
-    """A request's ``dir`` as an absolute path (``~`` expanded), or None."""
-    return None if raw is None else Path(raw).expanduser().absolute()
+    """A request's ``dir`` as an absolute path (``~`` expanded), or None.
+    A NUL character, or a ``~user`` with no such user, is a ``BadDirectory``."""
+    if raw is None:
+        return None
+    if "\0" in raw:
+        raise BadDirectory("must not contain a NUL character")
+    try:
+        return Path(raw).expanduser().absolute()
+    except RuntimeError as exc:  # "Could not determine home directory."
+        raise BadDirectory(f"cannot expand {raw[:200]}: {exc}") from None
 
 
 def output_directory(directory: Path | None) -> Path:

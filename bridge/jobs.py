@@ -21,7 +21,10 @@ from protocol.replies import Done, ErrorReply, Reply, TokenEvent
 from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, Tokenize, Unload
 
 QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Inspect | Info
-Send = Callable[[Reply], None]
+# A sender may return False: the reply could not be encoded, and an
+# ``internal`` error line for the request was written in its place (see
+# ``bridge.stdio.LineWriter.send``). Anything else means it was written.
+Send = Callable[[Reply], object]
 Write = Callable[[bytes], None]
 
 
@@ -61,8 +64,12 @@ class Job:
 
     def emit(self, event: TokenEvent) -> None:
         with self._lock:
-            if not self._finished:
-                self.send(event)
+            if not self._finished and self.send(event) is False:
+                # an internal error line took its place: that ended the request
+                self._finished = True
+                self._cancel.set()
+                if self.on_finish is not None:
+                    self.on_finish(self)
 
     def emit_line(self, line: bytes) -> None:
         """``emit`` of an encoded token line; only when ``write`` is set."""
@@ -72,7 +79,9 @@ class Job:
                 self.write(line)
 
     def finish(self, reply: Reply) -> bool:
-        """Write the terminal line; False if one was already written."""
+        """Write the terminal line; False if one was already written. A reply
+        that cannot be encoded is written as an ``internal`` error line for
+        the id (by ``send``): either way, exactly one terminal line."""
         with self._lock:
             if self._finished:
                 return False

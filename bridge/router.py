@@ -3,6 +3,12 @@
 Runs on the stdin thread. ``hello``, ``ping``, ``info`` and ``cancel`` are
 answered here, immediately, even while the engine thread is busy; model work
 goes to the scheduler in arrival order.
+
+No line can end the process: a failure that is not a :class:`WireError` (a
+bug) is logged with its traceback and answered with ``internal`` for that
+line's id, and the next line is read as usual. Unknown request fields are
+logged (each name once per request) and ignored, or refused under
+``--strict``.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from protocol.codec import decode_request
-from protocol.errors import LineTooLong, RequestId, WireError
+from protocol.codec import decode_json, decode_request_checked
+from protocol.errors import Internal, LineTooLong, RequestId, WireError
 from protocol.replies import ErrorReply, HelloReply, Pong
 from protocol.requests import (
     Cancel,
@@ -26,6 +32,7 @@ from protocol.requests import (
     Quit,
     Tokenize,
     Unload,
+    field_list,
 )
 
 from .engine import Engine
@@ -47,12 +54,14 @@ class Router:
         writer: LineWriter,
         hello: HelloFactory,
         max_line_bytes: int,
+        strict: bool = False,
     ) -> None:
         self._engine = engine
         self._scheduler = scheduler
         self._writer = writer
         self._hello = hello
         self._max_line_bytes = max_line_bytes
+        self._strict = strict
 
     def dispatch(self, line: bytes | Oversized) -> Quit | None:
         """Handle one input line; returns the ``Quit`` request when it is one."""
@@ -62,7 +71,13 @@ class Router:
                     f"line of {line.size} bytes is over the limit of "
                     f"{self._max_line_bytes} bytes (--max-line-bytes)"
                 )
-            request = decode_request(line)
+            request, unknown = decode_request_checked(line, strict=self._strict)
+            if unknown:
+                log.warning(
+                    "request %s: ignored unknown field(s): %s",
+                    "without id" if request.id is None else repr(request.id),
+                    field_list(unknown),
+                )
             match request:
                 case Quit():
                     return request
@@ -91,4 +106,22 @@ class Router:
         except WireError as exc:
             log.debug("rejected line: %s", exc)
             self._writer.send(ErrorReply.of(exc))
+        except Exception as exc:  # a bug: answer this line, keep reading the next
+            log.exception("unexpected failure handling a request line")
+            error = Internal(f"{type(exc).__name__}: {exc}", request_id=_readable_id(line))
+            self._writer.send(ErrorReply.of(error))
         return None
+
+
+def _readable_id(line: bytes | Oversized) -> RequestId | None:
+    """The line's request id, when it has a readable one."""
+    if isinstance(line, Oversized):
+        return None
+    try:
+        raw = decode_json(line)
+    except Exception:
+        return None
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
+        return rid
+    return None

@@ -39,6 +39,8 @@ EXIT_GRACE_S = 0.8
 class ServeOptions:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_queue: int = 256
+    # Refuse unknown request fields (invalid_request) instead of logging them.
+    strict: bool = False
     preload: str | None = None
     max_prompt_tokens: int | None = None  # reported in hello's limits when set
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
@@ -104,6 +106,7 @@ def serve(
         writer=writer,
         hello=hello,
         max_line_bytes=options.max_line_bytes,
+        strict=options.strict,
     )
     with signals.blocked():  # the engine thread and its children never take them
         scheduler.start()
@@ -112,7 +115,10 @@ def serve(
     quit_request = None
     try:
         for line in read_lines(stdin, options.max_line_bytes):
-            quit_request = router.dispatch(line)
+            try:
+                quit_request = router.dispatch(line)
+            except Exception:  # dispatch answers its own failures; this is the last guard
+                log.exception("request line dropped")
             scheduler.release_warm_up()
             if quit_request is not None or writer.broken:
                 break

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from protocol.codec import encode
+from protocol.codec import encode_or_error
 from protocol.replies import Reply
 
 log = logging.getLogger("bridge.stdio")
@@ -47,8 +47,15 @@ class LineWriter:
     def broken(self) -> bool:
         return self._broken
 
-    def send(self, reply: Reply) -> None:
-        self.write(encode(reply))
+    def send(self, reply: Reply) -> bool:
+        """Write ``reply``; False when it could not be encoded and an
+        ``internal`` error line for its id was written instead (that line
+        is terminal: the request has ended)."""
+        line, encoded = encode_or_error(reply)
+        if not encoded:
+            log.error("%s", line.decode("utf-8", "replace").rstrip())
+        self.write(line)
+        return encoded
 
     def write(self, line: bytes) -> None:
         """Write ``line`` now, with one ``os.write`` unless the pipe is full.
@@ -84,22 +91,52 @@ class Oversized:
         self.size = size
 
 
+# Reads are at most this long, so an overlong line is never held whole.
+READ_CHUNK = 1 << 20
+
+
 def read_lines(stream: BinaryIO, max_bytes: int) -> Iterator[bytes | Oversized]:
-    """Yield non-blank lines without their newline; lines over ``max_bytes``
-    are skipped to the next newline without being held in memory."""
+    """Yield non-blank lines without their line ending (``\n`` or ``\r\n``).
+
+    ``max_bytes`` bounds a line without its ending. A longer line is read
+    on to its end in chunks of at most ``READ_CHUNK`` bytes and dropped as it
+    goes (at most ``max_bytes`` + 2 + one chunk of it is ever held), and an
+    :class:`Oversized` with its length, ending excluded, stands in for it.
+    """
+    chunk = min(READ_CHUNK, max_bytes + 2)
     while True:
-        line = stream.readline(max_bytes + 1)
-        if not line:
+        piece = stream.readline(chunk)
+        if not piece:
             return
-        if len(line) > max_bytes and not line.endswith(b"\n"):
-            size = len(line)
-            while True:
-                rest = stream.readline(1 << 20)
-                size += len(rest)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            yield Oversized(size)
-            continue
-        line = line.rstrip(b"\r\n")
-        if line.strip():
+        if piece.endswith(b"\n"):  # the common case: the whole line in one read
+            line: bytes | Oversized = _without_ending(piece, len(piece), piece, max_bytes)
+        else:
+            line = _rest_of_line(stream, piece, chunk, max_bytes)
+        if isinstance(line, Oversized) or line.strip():
             yield line
+
+
+def _rest_of_line(stream: BinaryIO, first: bytes, chunk: int, max_bytes: int) -> bytes | Oversized:
+    held: list[bytes] | None = [first]  # pieces, joined once: no growing buffer to copy
+    size = len(first)
+    tail = first[-2:]
+    while not tail.endswith(b"\n"):
+        piece = stream.readline(chunk)
+        if not piece:  # end of input: the last line had no newline
+            break
+        size += len(piece)
+        tail = (tail + piece)[-2:]
+        if held is not None:
+            held.append(piece)
+            if size > max_bytes + 2:  # over the limit whatever its ending: drop it
+                held = None
+    return _without_ending(b"".join(held or ()), size, tail, max_bytes)
+
+
+def _without_ending(line: bytes, size: int, tail: bytes, max_bytes: int) -> bytes | Oversized:
+    """``line`` (``size`` bytes read, ending with ``tail``) without its
+    ``\n`` or ``\r\n``, or an ``Oversized`` when the rest is over ``max_bytes``."""
+    ending = 2 if tail.endswith(b"\r\n") else 1 if tail.endswith(b"\n") else 0
+    if size - ending > max_bytes:
+        return Oversized(size - ending)
+    return line[: len(line) - ending]

@@ -102,8 +102,11 @@ def template_tool_calls(tool_calls: Sequence[JsonValue]) -> list[JsonValue]:
             if isinstance(arguments, str):
                 try:
                     function["arguments"] = json.loads(arguments)
-                except ValueError:
-                    pass  # not JSON: the template gets the text
+                except (ValueError, RecursionError):
+                    # not JSON, or nested too deep to decode (the parser bounds
+                    # the depth, so only a caller that skipped it gets here):
+                    # the template gets the text
+                    pass
             call = {**call, "function": function}
         out.append(call)
     return out

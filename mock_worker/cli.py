@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes,
         max_queue=args.max_queue,
+        strict=args.strict,
         preload=args.model,
         versions=(),
         optional_versions=(),

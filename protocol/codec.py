@@ -2,7 +2,10 @@
 
 Framing: one UTF-8 JSON object per ``\\n``-terminated line. ``decode_request``
 turns a line (without or with its newline) into a typed request or raises a
-:class:`~protocol.errors.WireError`; ``encode`` turns a reply into one line.
+:class:`~protocol.errors.WireError`; ``encode`` turns a reply into one line,
+and ``encode_or_error`` into one line whatever the reply holds: a reply that
+cannot be encoded (an integer beyond 64 bits) becomes an ``internal`` error
+line for its id, so a request's terminal line can never be lost.
 ``TokenLines`` is the streaming fast path: the same bytes as ``encode`` of a
 plain :class:`~protocol.replies.TokenEvent`, without building one per token.
 """
@@ -13,10 +16,10 @@ import re
 
 import orjson
 
-from .errors import InvalidJson, RequestId, WireError
+from .errors import Internal, InvalidJson, RequestId, WireError
 from .fields import JsonValue
-from .replies import Reply
-from .requests import Request, parse_request, parse_request_id
+from .replies import ErrorReply, Reply
+from .requests import Request, parse_request_checked, parse_request_id
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -36,11 +39,17 @@ def decode_json(line: bytes) -> object:
         raise InvalidJson(f"line is not valid JSON: {exc}") from None
 
 
-def decode_request(line: bytes) -> Request:
-    """Decode one request line. Errors carry the request's id when it was readable."""
+def decode_request(line: bytes, *, strict: bool = False) -> Request:
+    """Decode one request line. Errors carry the request's id when it was readable.
+    Unknown fields are ignored, or with ``strict`` refused."""
+    return decode_request_checked(line, strict=strict)[0]
+
+
+def decode_request_checked(line: bytes, *, strict: bool = False) -> tuple[Request, tuple[str, ...]]:
+    """``decode_request``, and the paths of the unknown fields it ignored."""
     raw = decode_json(line)
     try:
-        return parse_request(raw)
+        return parse_request_checked(raw, strict=strict)
     except WireError as exc:
         if exc.request_id is None and isinstance(raw, dict):
             try:
@@ -74,8 +83,30 @@ def _scrub(value: JsonValue) -> JsonValue:
     return value
 
 
+class Unencodable(Internal):
+    """A reply that JSON cannot carry (orjson: "Integer exceeds 64-bit range")."""
+
+
 def encode(reply: Reply) -> bytes:
-    return encode_wire(reply.to_wire())
+    """One line for ``reply``; raises :class:`Unencodable` (carrying the
+    reply's id) when it holds a value JSON cannot carry."""
+    try:
+        return encode_wire(reply.to_wire())
+    except Exception as exc:  # orjson's JSONEncodeError, or a bug in a to_wire
+        raise Unencodable(
+            f"the {type(reply).__name__} reply could not be encoded: {type(exc).__name__}: {exc}",
+            request_id=reply.id,
+        ) from exc
+
+
+def encode_or_error(reply: Reply) -> tuple[bytes, bool]:
+    """The line for ``reply`` and True, or, when ``reply`` cannot be encoded,
+    an ``internal`` error line for its id and False. The error line is
+    terminal: a caller that gets False must treat the request as ended."""
+    try:
+        return encode(reply), True
+    except Unencodable as exc:
+        return encode_wire(ErrorReply.of(exc).to_wire()), False
 
 
 class TokenLines:

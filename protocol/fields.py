@@ -9,6 +9,7 @@ method either returns a value of the promised type or raises
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import TypeAlias
 
@@ -16,7 +17,16 @@ from .errors import InvalidRequest, RequestId
 
 JsonValue: TypeAlias = "None | bool | int | float | str | list[JsonValue] | dict[str, JsonValue]"
 
-_MISSING = object()
+# The largest value of a count or size field (``max_tokens``, ``context_len``,
+# ``top_k``, token ids, …): MLX indexes with 32-bit integers, and a bound here
+# keeps every integer the worker may echo well inside what JSON carries.
+MAX_INT32 = 2**31 - 1
+MIN_INT32 = -(2**31)
+# How deep a request may nest, counting the request object as level 1.
+# orjson refuses more than 1024 levels; Python's recursion limit (1000) is
+# what a chat template's ``tojson`` or ``json.loads`` of a tool call's
+# arguments would hit, so the bound sits far below both.
+MAX_JSON_DEPTH = 64
 
 
 def describe(value: object) -> str:
@@ -39,7 +49,7 @@ def describe(value: object) -> str:
 class Fields:
     """Reads fields of one JSON object; ``prefix`` names it in errors."""
 
-    __slots__ = ("_raw", "_prefix", "_request_id")
+    __slots__ = ("_raw", "_prefix", "_request_id", "_int32")
 
     def __init__(
         self,
@@ -47,10 +57,14 @@ class Fields:
         *,
         prefix: str = "",
         request_id: RequestId | None = None,
+        int32: bool = False,
     ) -> None:
+        """``int32``: integers without an explicit bound must fit in 32 bits
+        (requests read this way; see :meth:`int_`)."""
         self._raw = raw
         self._prefix = prefix
         self._request_id = request_id
+        self._int32 = int32
 
     @property
     def request_id(self) -> RequestId | None:
@@ -69,7 +83,9 @@ class Fields:
         return self._raw.get(key)
 
     def nested(self, key: str, value: Mapping[str, object]) -> Fields:
-        return Fields(value, prefix=f"{self.name(key)}.", request_id=self._request_id)
+        return Fields(
+            value, prefix=f"{self.name(key)}.", request_id=self._request_id, int32=self._int32
+        )
 
     # -- scalars ---------------------------------------------------------------
 
@@ -106,6 +122,10 @@ class Fields:
         minimum: int | None = None,
         maximum: int | None = None,
     ) -> int | None:
+        """An integer; ``5.0`` reads as 5 (JSON Schema's "integer" accepts it).
+        With ``int32`` set, a side without an explicit bound is bounded by
+        ``MIN_INT32`` or ``MAX_INT32``: in a request, counts and sizes beyond
+        32 bits are mistakes, and MLX indexes with 32-bit integers."""
         value = self._raw.get(key)
         if value is None:
             return default
@@ -114,6 +134,10 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"must be an integer, got {describe(value)}")
         _check_range(self, key, value, minimum, maximum, "an integer")
+        if self._int32 and minimum is None and value < MIN_INT32:
+            raise self.fail(key, f"must be an integer ≥ {MIN_INT32}")
+        if self._int32 and maximum is None and value > MAX_INT32:
+            raise self.fail(key, f"must be an integer ≤ {MAX_INT32}")
         return value
 
     def number(
@@ -197,17 +221,28 @@ class Fields:
                 raise self.fail(f"{key}[{i}]", "must not be empty")
         return tuple(value)
 
-    def int_list(self, key: str, *, required: bool = False, minimum: int = 0) -> tuple[int, ...]:
+    def int_list(
+        self, key: str, *, required: bool = False, minimum: int = 0, maximum: int = MAX_INT32
+    ) -> tuple[int, ...]:
+        """A list of integers written as integers: unlike :meth:`int_`, ``5.0``
+        is refused (token ids are never the result of float arithmetic, so a
+        float there is a host's bug, not a rounding)."""
         out: list[int] = []
         for i, item in enumerate(self.list_(key, required=required) or []):
-            if isinstance(item, float) and item.is_integer():
-                item = int(item)
             if isinstance(item, bool) or not isinstance(item, int):
                 raise self.fail(f"{key}[{i}]", f"must be an integer, got {describe(item)}")
-            if item < minimum:
-                raise self.fail(f"{key}[{i}]", f"must be ≥ {minimum}")
+            if not minimum <= item <= maximum:
+                raise self.fail(f"{key}[{i}]", f"must be an integer from {minimum} to {maximum}")
             out.append(item)
         return tuple(out)
+
+    def path_(self, key: str, *, required: bool = False) -> str | None:
+        """A non-empty string naming a file or directory: no NUL byte, which no
+        file system path can hold (``open`` would raise "embedded null byte")."""
+        value = self.str_(key, required=required, nonempty=True)
+        if value is not None and "\0" in value:
+            raise self.fail(key, "must not contain a NUL character")
+        return value
 
 
 def _check_range(
@@ -218,9 +253,62 @@ def _check_range(
     maximum: float | None,
     kind: str,
 ) -> None:
+    low, high = _bound(minimum), _bound(maximum)
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-        raise fields.fail(key, f"must be {kind} from {minimum:g} to {maximum:g}")
+        raise fields.fail(key, f"must be {kind} from {low} to {high}")
     if minimum is not None and value < minimum:
-        raise fields.fail(key, f"must be {kind} ≥ {minimum:g}")
+        raise fields.fail(key, f"must be {kind} ≥ {low}")
     if maximum is not None and value > maximum:
-        raise fields.fail(key, f"must be {kind} ≤ {maximum:g}")
+        raise fields.fail(key, f"must be {kind} ≤ {high}")
+
+
+def _bound(value: float | None) -> str:
+    """A range bound as written: integers exactly (``2147483647``, not ``2.14748e+09``)."""
+    if value is None or isinstance(value, int):
+        return str(value)
+    return f"{value:g}"
+
+
+def too_deep(value: object, limit: int = MAX_JSON_DEPTH, *, path: str = "") -> str | None:
+    """The path of the first array or object nested deeper than ``limit``
+    levels (``value`` itself is level 1), or None. Iterative, so any depth is
+    safe to check; only containers are visited, and a path is spelled out
+    only for the one that fails."""
+    stack: list[tuple[dict[str, object] | list[object], tuple[str | int, ...]]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, ()))
+    while stack:
+        item, keys = stack.pop()
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            if isinstance(child, dict | list):
+                if len(keys) + 1 >= limit:
+                    return _spell(path, (*keys, key))
+                stack.append((child, (*keys, key)))
+    return None
+
+
+def _spell(path: str, keys: tuple[str | int, ...]) -> str:
+    out = path
+    for key in keys:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    return out
+
+
+# In JSON text: a string literal (skipped whole) or one bracket.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]')
+
+
+def text_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``text``, read as JSON, nests arrays and objects deeper than
+    ``limit``, without parsing it (it need not be valid JSON)."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        char = match.group()[0]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return False

@@ -2,7 +2,18 @@
 
 ``parse_request`` turns one decoded JSON object into one of these classes or
 raises a :class:`~protocol.errors.WireError` naming the bad field. Unknown
-fields are ignored, so hosts may send fields from newer protocol versions.
+fields are ignored, so hosts may send fields from newer protocol versions;
+``parse_request_checked`` also names them, so the worker can log them, and
+``strict=True`` refuses them. The fields each command knows are listed once,
+in ``REQUEST_FIELDS`` (and ``MESSAGE_FIELDS``, ``CONTENT_PART_FIELDS``,
+``IMAGE_URL_FIELDS`` inside ``chat`` messages); a test checks that the
+parsers read exactly these.
+
+Limits at the edge: every integer a request carries is bounded (counts and
+sizes by ``MAX_INT32``, ``seed`` by 2^64 - 1), no value nests deeper than
+``MAX_JSON_DEPTH`` levels (a tool call's ``arguments`` text included), and a
+path holds no NUL character, so nothing behind the parser meets a value it
+cannot represent.
 
 A request without ``id`` belongs to the legacy (go-mlx) dialect; with an
 ``id`` (string or integer) every line that answers it echoes the id.
@@ -10,14 +21,26 @@ A request without ``id`` belongs to the legacy (go-mlx) dialect; with an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InvalidJson, InvalidRequest, RequestId, UnknownCommand
-from .fields import Fields, JsonValue, describe
+from .fields import (
+    MAX_INT32,
+    MAX_JSON_DEPTH,
+    Fields,
+    JsonValue,
+    describe,
+    text_too_deep,
+    too_deep,
+)
 
 MAX_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 256
+# The roles a chat message may have: OpenAI's (``developer`` is its newer
+# name for ``system``, passed to the template as it is, as mlx-vlm's server
+# does) and ``tool`` for tool results.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,20 +213,89 @@ def parse_request_id(raw: Mapping[str, object]) -> RequestId | None:
     raise InvalidRequest(f"id: must be a string or an integer, got {describe(value)}")
 
 
-def parse_request(raw: object) -> Request:
-    """Decode one JSON value (already parsed) into a request."""
+def parse_request(raw: object, *, strict: bool = False) -> Request:
+    """Decode one JSON value (already parsed) into a request. Unknown fields
+    are ignored, or with ``strict`` refused (``invalid_request`` naming the
+    first)."""
+    return parse_request_checked(raw, strict=strict)[0]
+
+
+def parse_request_checked(raw: object, *, strict: bool = False) -> tuple[Request, tuple[str, ...]]:
+    """``parse_request``, and the paths of the unknown fields the request
+    carried (``max_token``, ``messages[0].contnet``), which were ignored."""
     if not isinstance(raw, dict):
         raise InvalidJson(f"a request must be a JSON object, got {describe(raw)}")
     request_id = parse_request_id(raw)
-    f = Fields(raw, request_id=request_id)
+    deep = too_deep(raw)
+    if deep is not None:
+        raise InvalidRequest(
+            f"{deep}: nested deeper than {MAX_JSON_DEPTH} levels", request_id=request_id
+        )
+    # int32: every integer of a request is bounded (beyond 32 bits only where
+    # a field says so: seed)
+    f = Fields(raw, request_id=request_id, int32=True)
     cmd = f.required_str("cmd")
     parser = _PARSERS.get(cmd)
     if parser is None:
         raise UnknownCommand(
-            f"cmd: unknown command {cmd!r}; known: {', '.join(COMMANDS)}",
+            f"cmd: unknown command {_short(repr(cmd))}; known: {', '.join(COMMANDS)}",
             request_id=request_id,
         )
-    return parser(f, request_id)
+    request = parser(f, request_id)
+    unknown = unknown_fields(raw)
+    if strict and unknown:
+        raise InvalidRequest(
+            f"{_short(unknown[0])}: unknown field{_did_you_mean(raw, unknown[0])} "
+            "(refused: the worker runs with --strict)",
+            request_id=request_id,
+        )
+    return request, unknown
+
+
+def unknown_fields(raw: Mapping[str, object]) -> tuple[str, ...]:
+    """The paths of the fields of a request (whose ``cmd`` is known) that no
+    parser reads, in the order they were sent. Free-form values (``tools``,
+    ``tool_calls``, ``chat_template_kwargs``, ``logit_bias``, ``mock``) are
+    passed on whole and not looked into."""
+    known = REQUEST_FIELDS.get(str(raw.get("cmd")), frozenset())
+    out = [key for key in raw if key not in known]
+    messages = raw.get("messages") if raw.get("cmd") == "chat" else None
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict):
+            continue
+        out.extend(f"messages[{i}].{k}" for k in message if k not in MESSAGE_FIELDS)
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part, dict):
+                continue
+            where = f"messages[{i}].content[{j}]"
+            out.extend(f"{where}.{k}" for k in part if k not in CONTENT_PART_FIELDS)
+            image = part.get("image_url")
+            if isinstance(image, dict):
+                out.extend(f"{where}.image_url.{k}" for k in image if k not in IMAGE_URL_FIELDS)
+    return tuple(out)
+
+
+def field_list(paths: Sequence[str], *, most: int = 20) -> str:
+    """``paths`` for a log line: each once, in order, at most ``most`` of
+    them, each cut to 80 characters (a request may carry any keys)."""
+    unique = list(dict.fromkeys(paths))
+    shown = ", ".join(_short(p) for p in unique[:most])
+    return shown if len(unique) <= most else f"{shown} and {len(unique) - most} more"
+
+
+def _short(path: str, most: int = 80) -> str:
+    return path if len(path) <= most else f"{path[:most]}…"
+
+
+def _did_you_mean(raw: Mapping[str, object], path: str) -> str:
+    """`` (did you mean 'max_tokens'?)`` for a top-level typo, else ''."""
+    if path not in raw or len(path) > 64:
+        return ""
+    import difflib  # here: only a refused typo needs it
+
+    close = difflib.get_close_matches(path, REQUEST_FIELDS.get(str(raw.get("cmd")), ()), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _sampling(f: Fields) -> Sampling:
@@ -212,9 +304,10 @@ def _sampling(f: Fields) -> Sampling:
         repetition_penalty = f.number("repeat_penalty", 0.0, minimum=0.0)
     bias: list[tuple[int, float]] = []
     for key, value in (f.object_("logit_bias") or {}).items():
-        name = f"logit_bias[{key!r}]"
-        if not (key.isascii() and key.isdigit()):
-            raise f.fail(name, "keys must be token ids (decimal integers ≥ 0)")
+        name = f"logit_bias[{_short(repr(key))}]"
+        # the length bound first: int() of a 5,000-digit text raises ValueError
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= MAX_INT32):
+            raise f.fail(name, f"keys must be token ids (decimal integers from 0 to {MAX_INT32})")
         bias.append((int(key), Fields({name: value}, request_id=f.request_id).number(name, 0.0)))
     return Sampling(
         max_tokens=f.int_("max_tokens", DEFAULT_MAX_TOKENS, minimum=1) or DEFAULT_MAX_TOKENS,
@@ -245,27 +338,51 @@ def _content(f: Fields, key: str) -> str | tuple[ContentPart, ...] | None:
         elif kind in ("image_url", "image"):
             image = part.raw("image_url")
             url = (
-                part.nested("image_url", image).required_str("url", nonempty=True)
+                part.nested("image_url", image).path_("url", required=True)
                 if isinstance(image, dict)
-                else part.str_("image_url", nonempty=True) or part.str_("image", nonempty=True)
+                else part.path_("image_url") or part.path_("image")
             )
             if url is None:
                 raise part.fail("image_url", "required")
             parts.append(ImagePart(url=url))
         else:
-            raise part.fail("type", f"must be 'text' or 'image_url', got {kind!r}")
+            raise part.fail("type", f"must be 'text' or 'image_url', got {_short(repr(kind))}")
     return tuple(parts)
 
 
 def _message(m: Fields) -> ChatMessage:
+    role = m.required_str("role", nonempty=True)
+    if role not in ROLES:
+        raise m.fail("role", f"must be one of {', '.join(ROLES)}; got {_short(repr(role))}")
+    content = _content(m, "content")
+    name = m.str_("name")
     tool_calls = m.list_("tool_calls")
+    for i, call in enumerate(tool_calls or ()):
+        arguments = _arguments(call)
+        if arguments is not None and text_too_deep(arguments):
+            raise m.fail(
+                f"tool_calls[{i}].function.arguments",
+                f"nested deeper than {MAX_JSON_DEPTH} levels",
+            )
+    tool_call_id = m.str_("tool_call_id")
+    if content is None and not (role == "assistant" and tool_calls):
+        raise m.fail(
+            "content", "required (only an assistant message with tool_calls may leave it out)"
+        )
     return ChatMessage(
-        role=m.required_str("role", nonempty=True),
-        content=_content(m, "content"),
-        name=m.str_("name"),
+        role=role,
+        content=content,
+        name=name,
         tool_calls=tuple(tool_calls) if tool_calls is not None else None,  # type: ignore[arg-type]
-        tool_call_id=m.str_("tool_call_id"),
+        tool_call_id=tool_call_id,
     )
+
+
+def _arguments(call: object) -> str | None:
+    """A tool call's ``function.arguments`` when it is a JSON text."""
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    return arguments if isinstance(arguments, str) else None
 
 
 def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
@@ -276,7 +393,7 @@ def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
     for tool in tools:
         kind = tool.str_("type")
         if kind is not None and kind != "function":
-            raise tool.fail("type", f"must be 'function', got {kind!r}")
+            raise tool.fail("type", f"must be 'function', got {_short(repr(kind))}")
         spec = tool.required_child("function")
         spec.required_str("name", nonempty=True)
         spec.object_("parameters")
@@ -286,8 +403,8 @@ def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
 def _load(f: Fields, rid: RequestId | None) -> Load:
     return Load(
         id=rid,
-        path=f.required_str("path", nonempty=True),
-        adapter_path=f.str_("adapter_path", nonempty=True),
+        path=f.path_("path", required=True) or "",
+        adapter_path=f.path_("adapter_path"),
         context_len=f.int_("context_len", minimum=1),
         trust_remote_code=f.bool_("trust_remote_code", False),
         force=f.bool_("force", False),
@@ -336,7 +453,7 @@ def _detokenize(f: Fields, rid: RequestId | None) -> Detokenize:
 
 
 def _inspect(f: Fields, rid: RequestId | None) -> Inspect:
-    return Inspect(id=rid, prompt=f.required_str("prompt"), dir=f.str_("dir", nonempty=True))
+    return Inspect(id=rid, prompt=f.required_str("prompt"), dir=f.path_("dir"))
 
 
 _PARSERS: dict[str, Callable[[Fields, RequestId | None], Request]] = {
@@ -368,3 +485,47 @@ SAMPLING_OPTIONS: tuple[str, ...] = (
     "stop",
     "logprobs",
 )
+
+# -- the fields each command knows --------------------------------------------------------
+
+_COMMON = ("cmd", "id")
+REQUEST_FIELDS: dict[str, frozenset[str]] = {
+    "hello": frozenset(_COMMON),
+    "ping": frozenset(_COMMON),
+    "load": frozenset(
+        (
+            *_COMMON,
+            "path",
+            "adapter_path",
+            "context_len",
+            "trust_remote_code",
+            "force",
+            "gpu_layers",
+            "parallel_slots",
+            "mock",
+        )
+    ),
+    "unload": frozenset(_COMMON),
+    "generate": frozenset((*_COMMON, "prompt", *SAMPLING_OPTIONS, "cache_key", "mock")),
+    "chat": frozenset(
+        (
+            *_COMMON,
+            "messages",
+            *SAMPLING_OPTIONS,
+            "chat_template_kwargs",
+            "tools",
+            "cache_key",
+            "mock",
+        )
+    ),
+    "info": frozenset(_COMMON),
+    "tokenize": frozenset((*_COMMON, "text", "add_special_tokens")),
+    "detokenize": frozenset((*_COMMON, "tokens")),
+    "inspect": frozenset((*_COMMON, "prompt", "dir")),
+    "cancel": frozenset(_COMMON),
+    "quit": frozenset(_COMMON),
+}
+MESSAGE_FIELDS = frozenset(("role", "content", "name", "tool_calls", "tool_call_id"))
+CONTENT_PART_FIELDS = frozenset(("type", "text", "image_url", "image"))
+# ``detail`` is OpenAI's resolution hint; accepted, and not used.
+IMAGE_URL_FIELDS = frozenset(("url", "detail"))

@@ -22,6 +22,7 @@ from protocol.requests import (
     COMMANDS,
     DEFAULT_MAX_TOKENS,
     MAX_LOGPROBS,
+    ROLES,
     SAMPLING_OPTIONS,
     Chat,
     Generate,
@@ -224,7 +225,7 @@ def test_encoder_writes_non_finite_floats_as_null() -> None:
 # -- valid requests keep their values ------------------------------------------------------
 
 SAMPLING_VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "max_tokens": st.integers(min_value=1, max_value=2**31),
+    "max_tokens": st.integers(min_value=1, max_value=2**31 - 1),
     "temperature": st.floats(min_value=0, max_value=10),
     "top_p": st.floats(min_value=0, max_value=1),
     "top_k": st.integers(min_value=0, max_value=1000),
@@ -272,16 +273,17 @@ def test_generate_round_trips(prompt: str, options: dict[str, Any], rid: str | i
     assert request == Generate(id=rid, prompt=prompt, sampling=_expected_sampling(options))
 
 
+PATHS = st.text(min_size=1).filter(lambda u: "\0" not in u)
 TEXT_PARTS = st.builds(lambda t: {"type": "text", "text": t}, st.text(max_size=10))
 IMAGE_PARTS = st.one_of(
-    st.builds(lambda u: {"type": "image_url", "image_url": {"url": u}}, st.text(min_size=1)),
-    st.builds(lambda u: {"type": "image_url", "image_url": u}, st.text(min_size=1)),
-    st.builds(lambda u: {"type": "image", "image": u}, st.text(min_size=1)),
+    st.builds(lambda u: {"type": "image_url", "image_url": {"url": u}}, PATHS),
+    st.builds(lambda u: {"type": "image_url", "image_url": u}, PATHS),
+    st.builds(lambda u: {"type": "image", "image": u}, PATHS),
 )
 MESSAGES = st.fixed_dictionaries(
     {
-        "role": st.sampled_from(["system", "user", "assistant", "tool"]) | st.text(min_size=1),
-        "content": st.none() | st.text(max_size=20) | st.lists(TEXT_PARTS | IMAGE_PARTS),
+        "role": st.sampled_from(ROLES),
+        "content": st.text(max_size=20) | st.lists(TEXT_PARTS | IMAGE_PARTS),
     },
     optional={
         "name": st.text(max_size=8),
@@ -347,7 +349,7 @@ def test_every_command_keeps_its_id(cmd: str, rid: str | int) -> None:
     bases: dict[str, dict[str, Any]] = {
         "load": {"path": "/m"},
         "generate": {"prompt": ""},
-        "chat": {"messages": [{"role": "user"}]},
+        "chat": {"messages": [{"role": "user", "content": ""}]},
         "tokenize": {"text": ""},
         "detokenize": {"tokens": []},
         "inspect": {"prompt": ""},
@@ -471,7 +473,11 @@ def test_wrong_types_name_the_field(
 
 NESTED_CASES: list[tuple[dict[str, Any], str]] = [
     ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content: "),
-    ({**CHAT, "messages": [{"role": "user"}, {"role": 5}]}, "messages[1].role: "),
+    ({**CHAT, "messages": [{"role": "user", "content": "x"}, {"role": 5}]}, "messages[1].role: "),
+    ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role: "),
+    ({**CHAT, "messages": [{"role": "user"}]}, "messages[0].content: required"),
+    ({**CHAT, "messages": [{"role": "tool", "content": None}]}, "messages[0].content: required"),
+    ({**CHAT, "messages": [{"role": "assistant", "tool_calls": []}]}, "messages[0].content: "),
     ({**CHAT, "messages": [{"content": "x"}]}, "messages[0].role: "),
     ({**CHAT, "messages": [{"role": ""}]}, "messages[0].role: "),
     ({**CHAT, "messages": [{"role": "user", "name": 1}]}, "messages[0].name: "),
@@ -493,7 +499,10 @@ NESTED_CASES: list[tuple[dict[str, Any], str]] = [
         "messages[0].content[0].image_url: ",
     ),
     (
-        {**CHAT, "messages": [{"role": "u", "content": [{"type": "image_url", "image_url": {}}]}]},
+        {
+            **CHAT,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+        },
         "messages[0].content[0].image_url.url: ",
     ),
     ({**CHAT, "messages": [{"role": "user", "content": [3]}]}, "messages[0].content[0]: "),

@@ -400,16 +400,35 @@ PROBED_FIELDS: list[tuple[str, str]] = [
 ]
 EXTRA_PROBES: dict[str, list[object]] = {
     "stop": ["END", ["a", "b"], ["a", ""], ["a", 1], [None]],
-    "logit_bias": [{"5": 1.5}, {"0": -100}, {"5": "x"}, {"x": 1}, {"-1": 1}, {"5": None}],
-    "tokens": [[0, 1, 2], [-1], [True], ["1"]],
+    "logit_bias": [
+        {"5": 1.5},
+        {"0": -100},
+        {"5": "x"},
+        {"x": 1},
+        {"-1": 1},
+        {"5": None},
+        {"2147483647": 1},
+        {"2147483648": 1},
+        {"0002147483647": 1},
+        {"9" * 5000: 1},
+    ],
+    "tokens": [[0, 1, 2], [-1], [True], ["1"], [2**31 - 1], [2**31], [2**63]],
     "seed": [2**63, 2**64 - 1],
     "id": ["req-1", 2**63, -(2**63)],
+    "path": ["/a\0b", "\0"],
+    "adapter_path": ["/a\0b"],
+    "dir": ["/tmp/a\0b"],
 }
+# Every integer field, at and beyond its bounds.
+INT_PROBES: list[object] = [2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63, 2**64 - 1, 1e20, -1e20]
 
 
 def _known_divergence(field: str, value: object) -> bool:
     """JSON Schema cannot tell 1 from 1.0. Integer fields read 1.0 as 1, except
-    ``id`` (echoed exactly as sent, so it must be an integer)."""
+    ``id`` (echoed exactly as sent, so it must be an integer) and token ids
+    (``detokenize`` refuses ``[5.0]``)."""
+    if field == "tokens" and isinstance(value, list):
+        return any(isinstance(v, float) and v.is_integer() for v in value)
     return field == "id" and isinstance(value, float) and value.is_integer()
 
 
@@ -432,9 +451,9 @@ def _schema_accepts(raw: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize(("cmd", "field"), PROBED_FIELDS, ids=lambda v: str(v))
 def test_schema_and_parser_accept_the_same_values(cmd: str, field: str) -> None:
-    values = [*PROBES, None, *EXTRA_PROBES.get(field, [])]
+    values = [*PROBES, *INT_PROBES, None, *EXTRA_PROBES.get(field, [])]
     if field == "tokens":
-        values += [[v] for v in NUMBERS]
+        values += [[v] for v in NUMBERS + INT_PROBES]
     disagreements = []
     for value in values:
         raw = {**BASES[cmd], field: value}
@@ -462,6 +481,9 @@ def test_schema_and_parser_accept_the_same_values(cmd: str, field: str) -> None:
         {"type": "image_url"},
         {"type": "image", "image": "/tmp/cat.png"},
         {"type": "image", "image": ""},
+        {"type": "image", "image": "/tmp/a\0.png"},
+        {"type": "image_url", "image_url": {"url": "/tmp/\0"}},
+        {"type": "image_url", "image_url": "\0"},
         {"type": "image", "image_url": None, "image": "/tmp/cat.png"},
         {"type": "audio", "audio": "x"},
         {"type": 5},
@@ -482,6 +504,15 @@ def test_schema_and_parser_agree_on_content_parts(part: object) -> None:
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "get_weather"},
         {"role": "user"},
+        {"role": "wizard", "content": "hi"},
+        {"role": "developer", "content": "hi"},
+        {"role": "system", "content": ""},
+        {"role": "tool", "content": None},
+        {"role": "assistant"},
+        {"role": "assistant", "tool_calls": []},
+        {"role": "assistant", "tool_calls": [{"id": "c1"}]},
+        {"role": "assistant", "content": "x", "tool_calls": None},
+        {"role": "user", "tool_calls": [{"id": "c1"}]},
         {"role": ""},
         {"content": "hi"},
         {"role": 1},
