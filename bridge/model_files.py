@@ -177,6 +177,16 @@ def resolve_model_dir(path: str, *, root: Path | None = None) -> Path:
     raise ModelNotFound(f"path: no such directory: {path}")
 
 
+def confine(path: str, field: str, root: Path) -> Path:
+    """``path`` as it will be read, checked to stay inside ``root`` (the
+    ``--model-root`` rules: no ``..``, nothing outside, no symlink leading
+    out), whether or not it exists; ``forbidden`` otherwise."""
+    local = _local_path(path, field, root)
+    if _stat(local) is not None:
+        _check_inside(local, root, field, path)
+    return local
+
+
 def resolve_adapter_dir(path: str, *, root: Path | None = None) -> Path:
     local = _local_path(path, "adapter_path", root)
     st = _stat(local)

@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
+from bridge.cli import existing_directory, prog_name, setup_logging
 from bridge.cli import parser as bridge_parser
-from bridge.cli import prog_name, setup_logging
 from bridge.server import ServeOptions, serve
 from protocol.errors import ERROR_CODES
 from protocol.requests import Quit
@@ -39,6 +39,29 @@ _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 def parser() -> argparse.ArgumentParser:
     p = bridge_parser(prog=prog_name("mock_worker"))
     p.description = DESCRIPTION
+    w = p.add_argument_group(
+        "the worker's security flags (so that a host starts the mock as it starts the worker)"
+    )
+    w.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help='without it, a load with "trust_remote_code": true is forbidden, as in the worker',
+    )
+    w.add_argument(
+        "--model-root",
+        type=existing_directory,
+        metavar="DIR",
+        help="a load path outside DIR is forbidden, as in the worker (the mock reads no files)",
+    )
+    w.add_argument(
+        "--image-root",
+        action="append",
+        type=existing_directory,
+        default=[],
+        metavar="DIR",
+        help="accepted and checked to be a directory; the mock model has no vision, so "
+        "image parts are vision_not_supported anyway",
+    )
     g = p.add_argument_group("faults")
     g.add_argument(
         "--token-delay",
@@ -146,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flood_stderr(args.stderr_flood)
     if args.hello_delay:
         time.sleep(args.hello_delay)
-    engine = ScriptedEngine(faults=faults_from(args))
+    engine = ScriptedEngine(
+        faults=faults_from(args),
+        trust_remote_code=args.trust_remote_code,
+        model_root=args.model_root,
+    )
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes,
         max_queue=args.max_queue,

@@ -18,8 +18,11 @@ import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from bridge.engine import Prepared, ShouldAbort, Step
+from bridge.model_files import confine
+from bridge.remote_code import remote_code_allowed
 from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Chat, Detokenize, GenerationRequest, Inspect, Load, Tokenize
@@ -44,8 +47,19 @@ class ScriptedPrepared(Prepared):
 
 
 class ScriptedEngine:
-    def __init__(self, *, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        faults: Faults | None = None,
+        trust_remote_code: bool = False,
+        model_root: Path | None = None,
+    ) -> None:
+        """``trust_remote_code`` and ``model_root`` are the worker's
+        ``--trust-remote-code`` and ``--model-root``, refused alike: a host's
+        tests see the real worker's ``forbidden`` (the mock reads no files)."""
         self._defaults = faults or Faults()
+        self._trust_remote_code = trust_remote_code
+        self._model_root = model_root
         self._facts: ModelFacts | None = None
         self._write_raw: WriteRaw | None = None
 
@@ -59,6 +73,11 @@ class ScriptedEngine:
         pass
 
     def load(self, request: Load) -> ModelFacts:
+        remote_code_allowed(request, worker_allows=self._trust_remote_code)
+        if self._model_root is not None:
+            for field, path in (("path", request.path), ("adapter_path", request.adapter_path)):
+                if path is not None:
+                    confine(path, field, self._model_root)
         faults = self._defaults.override(request.mock, request.id)
         if faults.load_delay:
             time.sleep(faults.load_delay)
