@@ -91,7 +91,6 @@ class VisionPrepared(Prepared):
 class _Loaded:
     model: nn.Module
     processor: Any
-    detokenizer: Any
     facts: ModelFacts
     weights_bytes: int
     max_kv_size: int | None
@@ -163,7 +162,6 @@ class MlxVlmEngine:
         self._loaded = _Loaded(
             model,
             processor,
-            _streaming_detokenizer(processor),
             facts,
             needed,
             request.context_len,
@@ -348,8 +346,8 @@ class MlxVlmEngine:
             image_token=token if isinstance(token, str) else None,
             image_token_id=int(token_id) if isinstance(token_id, int) else None,
             vision_model_type=str(pick(vision, "model_type") or "unknown"),
-            vision_layers=int(pick(vision, "depth", "num_hidden_layers", "num_layers") or 0),
-            vision_hidden_size=int(pick(vision, "embed_dim", "hidden_size", "width") or 0),
+            vision_layers=_count(pick(vision, "depth", "num_hidden_layers", "num_layers")),
+            vision_hidden_size=_count(pick(vision, "embed_dim", "hidden_size", "width")),
             patch_size=_int_or_none(pick(vision, "patch_size", "spatial_patch_size")),
             max_images=self._images.max_images,
             max_image_bytes=self._images.max_bytes,
@@ -433,22 +431,12 @@ def _tokenizer(processor: Any) -> Any:
     return processor.tokenizer if hasattr(processor, "tokenizer") else processor
 
 
-def _streaming_detokenizer(processor: Any) -> Any:
-    """mlx-lm's streaming detokenizer of the kind mlx-vlm chose, so that text
-    streams exactly as with the mlx-lm engine (mlx-vlm's older BPE detokenizer
-    holds text back until a token that starts with a space)."""
-    from mlx_lm import tokenizer_utils as lm
-
-    chosen = processor.detokenizer
-    tokenizer = _tokenizer(processor)
-    match type(chosen).__name__:
-        case "BPEStreamingDetokenizer":
-            return lm.BPEStreamingDetokenizer(tokenizer)
-        case "SPMStreamingDetokenizer":
-            return lm.SPMStreamingDetokenizer(
-                tokenizer, trim_space=getattr(chosen, "trim_space", True)
-            )
-    return chosen
+def _count(value: Any) -> int:
+    """A figure from the model's config for ``info``: the integer, or 0 for
+    anything else (a config is untrusted; a reply must always encode)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return 0
 
 
 def _int_or_none(value: Any) -> int | None:
