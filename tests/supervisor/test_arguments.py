@@ -363,8 +363,7 @@ ARGV_RECORDER = textwrap.dedent(
     with open(os.environ["ARGV_FILE"], "w") as f:
         json.dump(sys.argv[1:], f)
     from mock_worker.cli import main
-    flags = ("--model-root=", "--image-root=", "--trust-remote-code")
-    raise SystemExit(main([a for a in sys.argv[1:] if not a.startswith(flags)]))
+    raise SystemExit(main(sys.argv[1:]))  # the mock takes the worker's flags too
     """
 )
 
@@ -372,6 +371,8 @@ ARGV_RECORDER = textwrap.dedent(
 @pytest.mark.parametrize("twin", ["sync", "async"])
 def test_the_worker_flags_reach_the_workers_argv(twin: str, tmp_path: Path) -> None:
     record = tmp_path / "argv.json"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "img").mkdir()
     options: dict[str, Any] = {
         "env": ENV | {"ARGV_FILE": str(record)},
         "cwd": ROOT,
