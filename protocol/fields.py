@@ -289,9 +289,16 @@ def too_deep(value: object, limit: int = MAX_JSON_DEPTH, *, path: str = "") -> s
 
 
 def _spell(path: str, keys: tuple[str | int, ...]) -> str:
+    """``messages[0].content``, and ``logit_bias['5']`` for a key that is not
+    a name, as the field readers spell them."""
     out = path
     for key in keys:
-        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+        if isinstance(key, int):
+            out += f"[{key}]"
+        elif not key.isidentifier():
+            out += f"[{key!r}]"
+        else:
+            out += f".{key}" if out else key
     return out
 
 
