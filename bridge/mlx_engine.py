@@ -297,14 +297,32 @@ class MlxLmEngine:
 
     def inspect(self, request: Inspect) -> AttentionFacts:
         # here, not at the top: tempfile and shutil are not needed before the first hello
-        from .inspect_attention import InspectError, inspect_prompt, requested_directory, wire_error
+        from .inspect_attention import (
+            InspectError,
+            capture_attention,
+            requested_directory,
+            wire_error,
+        )
 
         loaded = self._require(request)
+        # One forward pass over the whole prompt: held to a generation's prompt
+        # limits, before any file or directory is made.
+        limits = ContextLimits(
+            context_len=loaded.facts.context_len, max_prompt_tokens=self._max_prompt_tokens
+        )
+        one = Sampling(max_tokens=1)
+        tokens = limits.encode(
+            partial(encode_prompt, loaded.tokenizer),
+            request.prompt,
+            field="prompt",
+            sampling=one,
+            request_id=request.id,
+        )
+        limits.check(len(tokens), field="prompt", sampling=one, request_id=request.id)
         try:
-            capture = inspect_prompt(
+            capture = capture_attention(
                 loaded.model,
-                loaded.tokenizer,
-                request.prompt,
+                tokens,
                 architecture=loaded.facts.model_type,
                 directory=requested_directory(request.dir),
             )

@@ -185,6 +185,24 @@ def test_a_10_mb_prompt_is_refused_in_seconds(worker: WorkerProcess, cmd: str) -
     still_serves(worker)
 
 
+def test_inspect_is_held_to_the_same_limits(worker: WorkerProcess, tmp_path: Path) -> None:
+    # inspect runs the whole prompt in one forward pass: a prompt over the
+    # context is refused before any file or directory is made
+    target = tmp_path / "never-made"
+    for prompt in (words(100), HUGE):
+        started = time.monotonic()
+        reply = worker.call(
+            {"cmd": "inspect", "id": "i", "prompt": prompt, "dir": str(target)}, timeout=60
+        )
+        assert reply["code"] == "context_length_exceeded", reply
+        assert reply["error"].startswith("prompt: "), reply
+        assert time.monotonic() - started < 20
+    assert not target.exists()
+    fits = worker.call({"cmd": "inspect", "id": "i", "prompt": words(10), "dir": str(target)})
+    assert fits["type"] == "inspected", fits
+    still_serves(worker)
+
+
 # -- the cap -----------------------------------------------------------------------------
 
 
