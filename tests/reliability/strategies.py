@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from hypothesis import strategies as st
@@ -19,6 +20,17 @@ from tests.reliability.hostile import COMMAND_FIELDS, HOSTILE, encode, put
 from tests.reliability.wire import MAX_LINE_BYTES
 
 Item = bytes | float
+
+
+class Batch(list[Item]):
+    """A drawn batch, with a short repr (values can be 200 KB long)."""
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text if len(text) <= 2000 else f"{text[:2000]}… ({len(text)} chars)"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
 
 LINE_ENDS = st.sampled_from([b"\n", b"\n", b"\n", b"\r\n"])
 FIELD_NAMES = sorted(
@@ -121,10 +133,10 @@ def requests(draw: st.DrawFn) -> dict[str, object]:
 
 
 @st.composite
-def interleaved(draw: st.DrawFn) -> list[Item]:
+def interleaved(draw: st.DrawFn) -> Batch:
     """Hostile requests with ids from a small shared pool, cancels of them, cancels of
     everything, duplicates, legacy requests, and short pauses between lines."""
-    items: list[Item] = []
+    items = Batch()
     sent: list[bytes] = []
     for _ in range(draw(st.integers(1, 8))):
         action = draw(st.sampled_from(["request"] * 4 + ["cancel", "cancel all", "duplicate", "pause"]))
@@ -148,6 +160,10 @@ def interleaved(draw: st.DrawFn) -> list[Item]:
         elif action == "pause":
             items.append(draw(st.sampled_from([0.0, 0.005, 0.02, 0.1])))
     return items
+
+
+def batches(line: st.SearchStrategy[bytes], max_size: int = 8) -> st.SearchStrategy[Batch]:
+    return st.lists(line, min_size=1, max_size=max_size).map(Batch)
 
 
 def confine(items: Sequence[Item], workdir: str) -> list[Item]:
