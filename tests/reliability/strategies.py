@@ -151,7 +151,10 @@ def interleaved(draw: st.DrawFn) -> Batch:
         elif action == "cancel":
             target: object = draw(IDS | st.just("nobody"))
             if sent and draw(st.booleans()):
-                target = orjson.loads(draw(st.sampled_from(sent))).get("id", target)
+                try:
+                    target = orjson.loads(draw(st.sampled_from(sent))).get("id", target)
+                except orjson.JSONDecodeError:
+                    pass  # a hostile value made that line invalid JSON
             items.append(orjson.dumps({"cmd": "cancel", "id": target}) + b"\n")
         elif action == "cancel all":
             items.append(b'{"cmd":"cancel"}\n')

@@ -33,12 +33,13 @@ SETTLE_S = 20.0
 BATCH = {"load": 10}  # a load that loses its reply (issue 9 #5) takes its batch down with it
 
 
-def sweep(fuzz: FuzzWorker, cmd: str) -> list[str]:
+def sweep(fuzz: FuzzWorker, cmd: str, *, everything: bool = LONG) -> list[str]:
+    """Send every hostile value in every field of ``cmd``; the violations seen."""
     base = bases(str(fuzz.model), str(fuzz.workdir))
     lines: list[bytes] = []
     refusals: dict[object, str] = {}
     for spec in COMMAND_FIELDS[cmd]:
-        for name, value in values_for(spec, everything=LONG):
+        for name, value in values_for(spec, everything=everything):
             rid = f"{cmd} {spec.name}={name}"
             request = put(spec.base or base[cmd], spec.path, value)
             request["id"] = rid
