@@ -42,6 +42,11 @@ from tests.reliability.test_sweep import sweep  # noqa: E402
 from tests.reliability.wire import FuzzWorker, Stats  # noqa: E402
 
 
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def fuzz_phase(worker: FuzzWorker, lines: int, samples: dict[str, list[str]]) -> None:
     batch = st.one_of(
         fs.batches(fs.raw_lines(), max_size=40),
@@ -68,15 +73,23 @@ def fuzz_phase(worker: FuzzWorker, lines: int, samples: dict[str, list[str]]) ->
         run()
         if time.monotonic() - last > 30:
             last = time.monotonic()
-            print(f"  {worker.stats.lines} lines, {dict(worker.stats.violations)}", flush=True)
+            say(f"  {worker.stats.lines} lines, {dict(worker.stats.violations)}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="a model directory (default: build the tiny demo model)")
-    p.add_argument("--lines", type=int, default=100_000, help="fuzzed lines to send (default 100000)")
-    p.add_argument("--soak", type=int, default=10_000, help="soak requests through Worker (default 10000)")
-    p.add_argument("--async-soak", type=int, default=2_000, help="soak requests through AsyncWorker")
+    p.add_argument(
+        "--model", type=Path, help="a model directory (default: build the tiny demo model)"
+    )
+    p.add_argument(
+        "--lines", type=int, default=100_000, help="fuzzed lines to send (default 100000)"
+    )
+    p.add_argument(
+        "--soak", type=int, default=10_000, help="soak requests through Worker (default 10000)"
+    )
+    p.add_argument(
+        "--async-soak", type=int, default=2_000, help="soak requests through AsyncWorker"
+    )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args()
 
@@ -95,17 +108,17 @@ def main() -> int:
     worker = FuzzWorker(model, workdir)
     try:
         rss_start = worker.rss_bytes
-        print("sweep: every field of every command, every hostile value", flush=True)
+        say("sweep: every field of every command, every hostile value")
         sweep_violations: Counter[str] = Counter()
         for cmd in sorted(COMMAND_FIELDS):
             for v in sweep(worker, cmd, everything=True):
                 sweep_violations[v.split(":", 1)[0]] += 1
                 samples.setdefault(f"sweep {v.split(':', 1)[0]}", []).append(v[:1500])
         figures["sweep"] = {"violations": dict(sweep_violations), **worker.stats.as_dict()}
-        print(f"  {figures['sweep']}", flush=True)
+        say(f"  {figures['sweep']}")
         worker.stats = Stats()  # the fuzz phase's own figures
         rss_start = worker.rss_bytes
-        print(f"fuzz: {args.lines} lines", flush=True)
+        say(f"fuzz: {args.lines} lines")
         fuzz_started = time.perf_counter()
         fuzz_phase(worker, args.lines, samples)
         figures["fuzz"] = {
@@ -116,19 +129,19 @@ def main() -> int:
         }
     finally:
         worker.close()
-    print(f"  {figures['fuzz']}", flush=True)
+    say(f"  {figures['fuzz']}")
     for kind, n in (("sync", args.soak), ("async", args.async_soak)):
         if n:
-            print(f"soak ({kind}): {n} requests, 16 concurrent, 20% cancelled", flush=True)
+            say(f"soak ({kind}): {n} requests, 16 concurrent, 20% cancelled")
             report = soak(model, requests=n, kind=kind, warmup=max(100, n // 20))
             figures[f"soak_{kind}"] = report.as_dict()
-            print(f"  {figures[f'soak_{kind}']}", flush=True)
+            say(f"  {figures[f'soak_{kind}']}")
     figures["duration_s"] = round(time.perf_counter() - started, 1)
     figures["violation_samples"] = samples
     text = json.dumps(figures, indent=2, ensure_ascii=False)
     if args.out:
         args.out.write_text(text + "\n")
-    print(text[:20000])
+    say(text[:20000])
     return 0
 
 

@@ -11,6 +11,7 @@ from tests.reliability import strategies
 from tests.reliability.hostile import bases
 from tests.reliability.wire import FuzzWorker, fuzz_worker
 
+
 @pytest.fixture(scope="module")
 def fuzz(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzWorker]:
     """One ``python -m bridge`` with the tiny model, in a scratch working directory."""

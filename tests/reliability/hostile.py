@@ -96,10 +96,31 @@ HOSTILE: tuple[tuple[str, object], ...] = (
 # The values the CI sweep uses (the long run uses all of HOSTILE): one of each kind.
 CORE = frozenset(
     {
-        "null", "true", "0", "-1", "2^63", "2^64", "1e20", "1e30", "1.5", "5.0",
-        "NaN literal", "''", "'x'", "NUL inside", "lone surrogate", "12 KB string",
-        "~nonexistentuser/x", "/dev/stdin", "[]", "[1]", "{}", "{'a': 1}",
-        "list nested 900 deep", "list nested 100,000 deep", "JSON text nested 100,000 deep",
+        "null",
+        "true",
+        "0",
+        "-1",
+        "2^63",
+        "2^64",
+        "1e20",
+        "1e30",
+        "1.5",
+        "5.0",
+        "NaN literal",
+        "''",
+        "'x'",
+        "NUL inside",
+        "lone surrogate",
+        "12 KB string",
+        "~nonexistentuser/x",
+        "/dev/stdin",
+        "[]",
+        "[1]",
+        "{}",
+        "{'a': 1}",
+        "list nested 900 deep",
+        "list nested 100,000 deep",
+        "JSON text nested 100,000 deep",
     }
 )
 # Fields whose text becomes prompt tokens. Long texts there cost a prefill
@@ -233,8 +254,9 @@ def put(request: Mapping[str, object], path: Sequence[str | int], value: object)
     return out  # type: ignore[no-any-return]
 
 
-def encode(request: Mapping[str, object], *, ascii_only: bool = False) -> bytes:
-    """One request line: JSON (integers of any size, lone surrogates as escapes), Raw spliced in."""
+def encode(request: object, *, ascii_only: bool = False) -> bytes:
+    """One line of any JSON value (usually a request): integers of any size,
+    lone surrogates as escapes, ``Raw`` values spliced in."""
     raws: list[str] = []
 
     def default(obj: object) -> str:
@@ -252,7 +274,12 @@ def encode(request: Mapping[str, object], *, ascii_only: bool = False) -> bytes:
 def bases(model: str, workdir: str) -> dict[str, dict[str, object]]:
     """A valid request per queued command, quick to run on the tiny model."""
     return {
-        "generate": {"cmd": "generate", "prompt": "Once upon a time", "max_tokens": 1, "repetition_penalty": 1.1},
+        "generate": {
+            "cmd": "generate",
+            "prompt": "Once upon a time",
+            "max_tokens": 1,
+            "repetition_penalty": 1.1,
+        },
         "chat": {
             "cmd": "chat",
             "messages": [
@@ -281,10 +308,14 @@ def _sampling(cmd: str) -> list[FieldSpec]:
         FieldSpec(cmd, ("repeat_penalty",), "number", minimum=0, base=no_penalty),
         FieldSpec(cmd, ("repetition_context_size",), "int", minimum=1),
         FieldSpec(cmd, ("logit_bias",), "object"),
-        FieldSpec(cmd, ("logit_bias", "5"), "number", base={**no_penalty, "logit_bias": {"5": 1.0}}),
+        FieldSpec(
+            cmd, ("logit_bias", "5"), "number", base={**no_penalty, "logit_bias": {"5": 1.0}}
+        ),
         FieldSpec(cmd, ("seed",), "int", minimum=0, maximum=2**64 - 1),
         FieldSpec(cmd, ("stop",), "stop"),
-        FieldSpec(cmd, ("stop", 0), "nonempty", required=True, base={**no_penalty, "stop": ["zzz"]}),
+        FieldSpec(
+            cmd, ("stop", 0), "nonempty", required=True, base={**no_penalty, "stop": ["zzz"]}
+        ),
         FieldSpec(cmd, ("logprobs",), "int", minimum=0, maximum=20),
         FieldSpec(cmd, ("cache_key",), "nonempty"),
         FieldSpec(cmd, ("mock",), "object"),
@@ -299,17 +330,27 @@ TOOL_CALLS: dict[str, object] = {
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
         },
         {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"},
     ],
-    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ],
     "max_tokens": 1,
 }
 TOOLS: dict[str, object] = {
     "cmd": "chat",
     "messages": [{"role": "user", "content": "Weather?"}],
-    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ],
     "max_tokens": 1,
 }
 KWARGS: dict[str, object] = {
@@ -333,7 +374,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("chat", ("messages", 0, "content", 0, "type"), "part_type", required=True),
     FieldSpec("chat", ("messages", 0, "content", 0, "text"), "str", required=True),
     FieldSpec("chat", ("messages", 1, "tool_calls", 0), "any", base=TOOL_CALLS),
-    FieldSpec("chat", ("messages", 1, "tool_calls", 0, "function", "arguments"), "any", base=TOOL_CALLS),
+    FieldSpec(
+        "chat", ("messages", 1, "tool_calls", 0, "function", "arguments"), "any", base=TOOL_CALLS
+    ),
     FieldSpec("chat", ("messages", 1, "tool_calls", 0, "function", "name"), "any", base=TOOL_CALLS),
     FieldSpec("chat", ("chat_template_kwargs",), "object"),
     FieldSpec("chat", ("chat_template_kwargs", "enable_thinking"), "any", base=KWARGS),
@@ -343,7 +386,13 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("chat", ("tools", 0, "function"), "object", required=True, base=TOOLS),
     FieldSpec("chat", ("tools", 0, "function", "name"), "nonempty", required=True, base=TOOLS),
     FieldSpec("chat", ("tools", 0, "function", "parameters"), "object", base=TOOLS),
-    FieldSpec("chat", ("max_tokens",), "int", minimum=1, base={**TOOLS, "tools": None, "logit_bias": {"2": 1000}}),
+    FieldSpec(
+        "chat",
+        ("max_tokens",),
+        "int",
+        minimum=1,
+        base={**TOOLS, "tools": None, "logit_bias": {"2": 1000}},
+    ),
     FieldSpec("chat", ("cache_key",), "nonempty"),
     FieldSpec("load", ("path",), "nonempty", required=True),
     FieldSpec("load", ("adapter_path",), "nonempty"),
@@ -356,7 +405,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("tokenize", ("text",), "str", required=True),
     FieldSpec("tokenize", ("add_special_tokens",), "bool"),
     FieldSpec("detokenize", ("tokens",), "list", required=True),
-    FieldSpec("detokenize", ("tokens", 0), "int_strict", required=True, minimum=0, maximum=VOCAB_SIZE - 1),
+    FieldSpec(
+        "detokenize", ("tokens", 0), "int_strict", required=True, minimum=0, maximum=VOCAB_SIZE - 1
+    ),
     FieldSpec("inspect", ("prompt",), "str", required=True),
     FieldSpec("inspect", ("dir",), "nonempty"),
 )

@@ -23,7 +23,13 @@ def profile(ci_examples: int, long_examples: int) -> settings:
         deadline=None,
         derandomize=not LONG,
         database=None,
-        phases=(Phase.explicit, Phase.generate, Phase.shrink) if LONG else (Phase.explicit, Phase.generate),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        phases=(Phase.explicit, Phase.generate, Phase.shrink)
+        if LONG
+        else (Phase.explicit, Phase.generate),
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
         print_blob=False,
     )

@@ -109,7 +109,9 @@ class _Tally:
             if job.cancel_at is None:
                 ok = list(got) == want
             else:  # the host stopped reading at its cancel, even if the stream had ended by then
-                ok = list(got) == want[: len(got)] and (finish == "cancelled" or len(got) >= job.cancel_at)
+                ok = list(got) == want[: len(got)] and (
+                    finish == "cancelled" or len(got) >= job.cancel_at
+                )
             if not ok:
                 r.misrouted += 1
                 r.problems.append(f"misrouted: {job} ({finish}): got {list(got)}, want {want}")

@@ -32,6 +32,7 @@ class Batch(list[Item]):
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))
 
+
 LINE_ENDS = st.sampled_from([b"\n", b"\n", b"\n", b"\r\n"])
 FIELD_NAMES = sorted(
     {"id", "cmd", "prompt", "messages", "text", "tokens", "path", "dir", "max_tokens", "stop"}
@@ -40,8 +41,26 @@ FIELD_NAMES = sorted(
 # Ids shared across a batch, so that duplicates and cancels hit their targets.
 IDS = st.sampled_from(["a", "b", 1, 0, -1, "", 2**63 - 1, "é"])
 FRAGMENTS = st.sampled_from(
-    [b'{"cmd":"', b'{"cmd":"generate","id":', b'{"id":', b"[", b"{", b'"', b"\\u0000",
-     b"\\ud800", b"\xff", b"\xc3", b" ", b"\x00", b"}", b"]", b",", b":", b"NaN", b"1e999"]
+    [
+        b'{"cmd":"',
+        b'{"cmd":"generate","id":',
+        b'{"id":',
+        b"[",
+        b"{",
+        b'"',
+        b"\\u0000",
+        b"\\ud800",
+        b"\xff",
+        b"\xc3",
+        b" ",
+        b"\x00",
+        b"}",
+        b"]",
+        b",",
+        b":",
+        b"NaN",
+        b"1e999",
+    ]
 )
 
 
@@ -80,8 +99,10 @@ JSON_SCALARS = (
 )
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), inner, max_size=5)
+    ),
     max_leaves=12,
 )
 
@@ -89,20 +110,20 @@ JSON_VALUES = st.recursive(
 @st.composite
 def json_lines(draw: st.DrawFn) -> bytes:
     """Any JSON value; mostly an object with a command and fields of random values."""
+    value: object
     if draw(st.integers(0, 4)) == 0:
         value = draw(JSON_VALUES)
     else:
-        value = draw(
-            st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), JSON_VALUES, max_size=6)
+        obj: dict[str, object] = draw(
+            st.dictionaries(
+                st.sampled_from(FIELD_NAMES) | st.text(max_size=6), JSON_VALUES, max_size=6
+            )
         )
-        value["cmd"] = draw(st.sampled_from([c for c in COMMANDS if c != "quit"]) | JSON_SCALARS)
+        obj["cmd"] = draw(st.sampled_from([c for c in COMMANDS if c != "quit"]) | JSON_SCALARS)
         if draw(st.booleans()):
-            value["id"] = draw(IDS | JSON_SCALARS)
-    return encode({"v": value}, ascii_only=draw(st.booleans()))[5:-2] + draw(LINE_ENDS)
-
-
-def bases_strategy(bases: dict[str, dict[str, object]]) -> st.SearchStrategy[dict[str, object]]:
-    return st.sampled_from(sorted(bases)).map(lambda cmd: bases[cmd])
+            obj["id"] = draw(IDS | JSON_SCALARS)
+        value = obj
+    return encode(value, ascii_only=draw(st.booleans()))[:-1] + draw(LINE_ENDS)
 
 
 _BASES: dict[str, dict[str, object]] = {}
@@ -139,7 +160,9 @@ def interleaved(draw: st.DrawFn) -> Batch:
     items = Batch()
     sent: list[bytes] = []
     for _ in range(draw(st.integers(1, 8))):
-        action = draw(st.sampled_from(["request"] * 4 + ["cancel", "cancel all", "duplicate", "pause"]))
+        action = draw(
+            st.sampled_from(["request"] * 4 + ["cancel", "cancel all", "duplicate", "pause"])
+        )
         if action == "request":
             request = draw(requests())
             rid = draw(st.none() | IDS | st.just(f"u{len(sent)}"))
@@ -150,7 +173,8 @@ def interleaved(draw: st.DrawFn) -> Batch:
             items.append(line)
         elif action == "cancel":
             target: object = draw(IDS | st.just("nobody"))
-            if sent and draw(st.booleans()):
+            aim = draw(st.booleans())
+            if sent and aim:
                 try:
                     target = orjson.loads(draw(st.sampled_from(sent))).get("id", target)
                 except orjson.JSONDecodeError:

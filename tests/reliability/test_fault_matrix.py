@@ -89,32 +89,123 @@ class Fault:
 
 
 MATRIX = (
-    Fault("crash mid-stream", "stream", (WorkerCrashed,), 2.0, mock={"crash_after": 2, "exit_code": 7},
-          check=lambda e: isinstance(e, WorkerCrashed) and e.exit_code == 7),
-    Fault("exit 0 before the first token", "stream", (WorkerCrashed,), 2.0, mock={"crash_after": 0, "exit_code": 0},
-          check=lambda e: isinstance(e, WorkerCrashed) and e.exit_code == 0),
-    Fault("exit without a reply", "call", (WorkerCrashed,), 2.0, command=(sys.executable, "-c", EXIT_ON_REQUEST)),
-    Fault("exit before hello", "start", (WorkerCrashed,), 5.0, command=(sys.executable, "-c", EXIT_BEFORE_HELLO),
-          check=lambda e: isinstance(e, WorkerCrashed) and e.exit_code == 3 and "boom" in e.stderr_tail),
-    Fault("hang mid-stream", "stream", (WorkerTimeout,), 3.0, mock={"hang_after": 2}, options={"request_timeout": 0.3}),
-    Fault("hang in a load", "call", (WorkerTimeout,), 3.0, flags=("--load-delay", "30"), options={"request_timeout": 0.3}),
-    Fault("garbage line", "stream", (ProtocolError,), 2.0, mock={"garbage_after": 1}, survives=True,
-          check=lambda e: isinstance(e, ProtocolError) and e.line == b"this is not json"),
-    Fault("stderr flood mid-stream (10 MiB)", "stream", (NONE,), 10.0, mock={"stderr_flood": 10 << 20}, survives=True),
-    Fault("stderr flood before hello (10 MiB)", "start", (NONE,), 10.0, flags=("--stderr-flood", "10M"), survives=True),
-    Fault("slow hello", "start", (WorkerTimeout,), 3.0, flags=("--hello-delay", "30"), options={"start_timeout": 0.5}),
-    Fault("SIGKILL mid-stream", "signal", (WorkerCrashed,), 1.0, send=signal.SIGKILL,
-          check=lambda e: isinstance(e, WorkerCrashed) and e.signal == signal.SIGKILL),
-    Fault("SIGSEGV mid-stream", "signal", (WorkerCrashed,), 1.0, send=signal.SIGSEGV,
-          check=lambda e: isinstance(e, WorkerCrashed) and e.signal == signal.SIGSEGV),
+    Fault(
+        "crash mid-stream",
+        "stream",
+        (WorkerCrashed,),
+        2.0,
+        mock={"crash_after": 2, "exit_code": 7},
+        check=lambda e: isinstance(e, WorkerCrashed) and e.exit_code == 7,
+    ),
+    Fault(
+        "exit 0 before the first token",
+        "stream",
+        (WorkerCrashed,),
+        2.0,
+        mock={"crash_after": 0, "exit_code": 0},
+        check=lambda e: isinstance(e, WorkerCrashed) and e.exit_code == 0,
+    ),
+    Fault(
+        "exit without a reply",
+        "call",
+        (WorkerCrashed,),
+        2.0,
+        command=(sys.executable, "-c", EXIT_ON_REQUEST),
+    ),
+    Fault(
+        "exit before hello",
+        "start",
+        (WorkerCrashed,),
+        5.0,
+        command=(sys.executable, "-c", EXIT_BEFORE_HELLO),
+        check=lambda e: (
+            isinstance(e, WorkerCrashed) and e.exit_code == 3 and "boom" in e.stderr_tail
+        ),
+    ),
+    Fault(
+        "hang mid-stream",
+        "stream",
+        (WorkerTimeout,),
+        3.0,
+        mock={"hang_after": 2},
+        options={"request_timeout": 0.3},
+    ),
+    Fault(
+        "hang in a load",
+        "call",
+        (WorkerTimeout,),
+        3.0,
+        flags=("--load-delay", "30"),
+        options={"request_timeout": 0.3},
+    ),
+    Fault(
+        "garbage line",
+        "stream",
+        (ProtocolError,),
+        2.0,
+        mock={"garbage_after": 1},
+        survives=True,
+        check=lambda e: isinstance(e, ProtocolError) and e.line == b"this is not json",
+    ),
+    Fault(
+        "stderr flood mid-stream (10 MiB)",
+        "stream",
+        (NONE,),
+        10.0,
+        mock={"stderr_flood": 10 << 20},
+        survives=True,
+    ),
+    Fault(
+        "stderr flood before hello (10 MiB)",
+        "start",
+        (NONE,),
+        10.0,
+        flags=("--stderr-flood", "10M"),
+        survives=True,
+    ),
+    Fault(
+        "slow hello",
+        "start",
+        (WorkerTimeout,),
+        3.0,
+        flags=("--hello-delay", "30"),
+        options={"start_timeout": 0.5},
+    ),
+    Fault(
+        "SIGKILL mid-stream",
+        "signal",
+        (WorkerCrashed,),
+        1.0,
+        send=signal.SIGKILL,
+        check=lambda e: isinstance(e, WorkerCrashed) and e.signal == signal.SIGKILL,
+    ),
+    Fault(
+        "SIGSEGV mid-stream",
+        "signal",
+        (WorkerCrashed,),
+        1.0,
+        send=signal.SIGSEGV,
+        check=lambda e: isinstance(e, WorkerCrashed) and e.signal == signal.SIGSEGV,
+    ),
     # Killed by it, or (a worker that treats SIGTERM like quit) a cancelled stream; either way it is gone.
     Fault("SIGTERM mid-stream", "signal", (WorkerCrashed, CANCELLED), 2.0, send=signal.SIGTERM),
     Fault("ignored cancel", "cancel", (WorkerTimeout,), 2.5, mock={"ignore_cancel": True}),
-    Fault("restart storm", "storm", (WorkerCrashed,), 20.0, mock={"crash_after": 0},
-          options={"restart": RestartPolicy(max_restarts=2, window_s=60)},
-          check=lambda e: "gave up restarting" in str(e)),
-    Fault("memory over the limit", "stream", (MemoryLimitExceeded,), 3.0,
-          options={"memory_limit_bytes": 1, "memory_poll_interval": 0.05}),
+    Fault(
+        "restart storm",
+        "storm",
+        (WorkerCrashed,),
+        20.0,
+        mock={"crash_after": 0},
+        options={"restart": RestartPolicy(max_restarts=2, window_s=60)},
+        check=lambda e: "gave up restarting" in str(e),
+    ),
+    Fault(
+        "memory over the limit",
+        "stream",
+        (MemoryLimitExceeded,),
+        3.0,
+        options={"memory_limit_bytes": 1, "memory_poll_interval": 0.05},
+    ),
 )
 
 
@@ -161,7 +252,9 @@ def run_sync(fault: Fault) -> Seen:
                 seen.pids.add(w.pid)
             seen.outcome = NONE
         else:
-            stream = w.generate("a b", max_tokens=100_000 if fault.how != "stream" else 100, extra=extra)
+            stream = w.generate(
+                "a b", max_tokens=100_000 if fault.how != "stream" else 100, extra=extra
+            )
             if fault.how in ("signal", "cancel"):
                 next(stream)
                 started = time.perf_counter()
@@ -174,7 +267,9 @@ def run_sync(fault: Fault) -> Seen:
                 started = time.perf_counter()
             for _ in stream:
                 pass
-            seen.outcome = stream.result.finish_reason if stream.result.finish_reason == CANCELLED else NONE
+            seen.outcome = (
+                stream.result.finish_reason if stream.result.finish_reason == CANCELLED else NONE
+            )
     except SupervisorError as exc:
         seen.outcome = exc
     seen.took = time.perf_counter() - started
@@ -219,7 +314,9 @@ def run_async(fault: Fault) -> Seen:
                     seen.pids.add(w.pid)
                 seen.outcome = NONE
             else:
-                stream = w.generate("a b", max_tokens=100_000 if fault.how != "stream" else 100, extra=extra)
+                stream = w.generate(
+                    "a b", max_tokens=100_000 if fault.how != "stream" else 100, extra=extra
+                )
                 if fault.how in ("signal", "cancel"):
                     await stream.__anext__()
                     started = time.perf_counter()
@@ -276,7 +373,9 @@ def test_fault(fault: Fault, twin: str) -> None:
     assert matched, f"{fault.name}: expected {fault.outcomes}, got {outcome!r}"
     if isinstance(outcome, BaseException):
         assert fault.check(outcome), f"{fault.name}: {outcome!r}"
-    assert seen.took < fault.bound_s, f"{fault.name}: took {seen.took:.2f} s, the bound is {fault.bound_s} s"
+    assert seen.took < fault.bound_s, (
+        f"{fault.name}: took {seen.took:.2f} s, the bound is {fault.bound_s} s"
+    )
     if fault.survives:
         assert seen.survived, f"{fault.name}: the worker did not survive"
     # After close: every worker this row started is gone and reaped, and nothing else was left.
@@ -286,6 +385,8 @@ def test_fault(fault: Fault, twin: str) -> None:
         if not left and all(_gone(pid) for pid in seen.pids):
             break
         time.sleep(0.02)
-    assert all(_gone(pid) for pid in seen.pids), f"{fault.name}: a worker process is left: {seen.pids}"
+    assert all(_gone(pid) for pid in seen.pids), (
+        f"{fault.name}: a worker process is left: {seen.pids}"
+    )
     left = [p for p in me.children(recursive=True) if p.pid not in before]
     assert not left, f"{fault.name}: processes left (zombies included): {left}"

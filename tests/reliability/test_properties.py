@@ -68,7 +68,9 @@ def test_quit_ends_everything_in_flight_then_exits_0(
     addressed) is the last line, lines after it are never read, and the worker
     exits 0 promptly."""
     batch = fs.confine(before, str(fuzz.workdir))
-    quit_line = orjson.dumps({"cmd": "quit", **({} if quit_id is None else {"id": quit_id})}) + b"\n"
+    quit_line = (
+        orjson.dumps({"cmd": "quit", **({} if quit_id is None else {"id": quit_id})}) + b"\n"
+    )
     tail = [item for item in fs.confine(after, str(fuzz.workdir)) if isinstance(item, bytes)]
     child = WorkerChild(["--max-line-bytes", str(fuzz.max_line_bytes)], fuzz.workdir)
     try:
@@ -100,7 +102,9 @@ def test_quit_ends_everything_in_flight_then_exits_0(
     lines = [orjson.loads(raw) for raw in out]
     terminals = [line for line in lines if line.get("type") != "token"]
     if quit_id is not None:
-        assert terminals and terminals[-1] == {"type": "bye", "id": quit_id, "ok": True}, terminals[-3:]
+        assert terminals and terminals[-1] == {"type": "bye", "id": quit_id, "ok": True}, terminals[
+            -3:
+        ]
         terminals = terminals[:-1]
     assert not any(t.get("type") == "bye" for t in terminals)
     assert not any(t.get("code") == "internal" for t in terminals), terminals

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from tests.reliability.hostile import (
-    HOSTILE,
     COMMAND_FIELDS,
+    HOSTILE,
     LOGIT_BIAS_KEYS,
     bases,
     encode,
@@ -68,5 +68,7 @@ def test_every_field_with_every_hostile_value(fuzz: FuzzWorker, cmd: str) -> Non
 
 def test_every_hostile_id(fuzz: FuzzWorker) -> None:
     """Readable ids are echoed with their JSON type; unreadable ones get an id-less error."""
-    lines = [encode({"cmd": cmd, "id": value}) for cmd in ("ping", "tokenize") for _, value in HOSTILE]
+    lines = [
+        encode({"cmd": cmd, "id": value}) for cmd in ("ping", "tokenize") for _, value in HOSTILE
+    ]
     raise_violations(fuzz.exchange(lines))

@@ -417,8 +417,7 @@ class FuzzWorker:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(5)
             violations.append(
-                f"died: exit status {child.proc.returncode}; "
-                f"stderr tail:\n{child.stderr_tail}"
+                f"died: exit status {child.proc.returncode}; stderr tail:\n{child.stderr_tail}"
             )
         elif missing > 0:
             violations.append(f"lost: {missing} terminal line(s) never came, even after a cancel")
@@ -457,12 +456,16 @@ class FuzzWorker:
         key = _key(line["id"]) if "id" in line else None
         slot = expected.get(key)
         if slot is None:
-            violations.append(f"misrouted: a line for a request that was never sent: {_short(line)}")
+            violations.append(
+                f"misrouted: a line for a request that was never sent: {_short(line)}"
+            )
             return 0
         if kind == "token":
             self.stats.token_lines += 1
             if not slot.streams:
-                violations.append(f"misrouted: a token line for a request that does not stream: {_short(line)}")
+                violations.append(
+                    f"misrouted: a token line for a request that does not stream: {_short(line)}"
+                )
             elif slot.count == 1 and slot.terminals:
                 slot.tokens_after_end += 1
             return 0
@@ -489,7 +492,10 @@ class FuzzWorker:
             try:
                 raw = child.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                return [*violations, "lost: the sentinel request after the batch was never answered"]
+                return [
+                    *violations,
+                    "lost: the sentinel request after the batch was never answered",
+                ]
             if raw is None:
                 return [*violations, "died: after the batch"]
             try:
@@ -499,7 +505,9 @@ class FuzzWorker:
                 continue
             if isinstance(line, dict) and line.get("id") == sentinel:
                 return violations
-            slot = expected.get(_key(line["id"]) if isinstance(line, dict) and "id" in line else None)
+            slot = expected.get(
+                _key(line["id"]) if isinstance(line, dict) and "id" in line else None
+            )
             if isinstance(line, dict) and line.get("type") == "token" and slot and slot.streams:
                 continue  # a stream of a duplicate id still running after its twin's error
             violations.append(f"extra: a line after every request had ended: {_short(line)}")
@@ -521,7 +529,9 @@ class FuzzWorker:
             got = Counter(str(t.get("code")) for t in idless.terminals if t.get("type") == "error")
             for code, n in want.items():
                 if got[code] != n:
-                    lines = [_short(line, 120) for s, line in idless.sent if s.kind is not Kind.LEGACY]
+                    lines = [
+                        _short(line, 120) for s, line in idless.sent if s.kind is not Kind.LEGACY
+                    ]
                     out.append(
                         f"count: id-less {code} errors: expected {n}, got {got[code]} "
                         f"(lines: {lines}; replies: {[_short(t, 200) for t in idless.terminals]})"
@@ -535,14 +545,20 @@ class FuzzWorker:
                 if t.get("code") == "internal":
                     out.append(f"internal: {_short(t)} for {[_short(s[1]) for s in slot.sent]}")
             if slot.tokens_after_end:
-                out.append(f"extra: {slot.tokens_after_end} token line(s) after the terminal line for id {key}")
+                out.append(
+                    f"extra: {slot.tokens_after_end} token line(s) after the terminal line for id {key}"
+                )
             if key is None:
                 continue
             path = refusals.get(key[1])
             if path is not None and slot.count == 1 and slot.terminals:
                 t = slot.terminals[0]
                 message = str(t.get("error", ""))
-                named = message.startswith(path) and message[len(path) : len(path) + 1] in (":", ".", "[")
+                named = message.startswith(path) and message[len(path) : len(path) + 1] in (
+                    ":",
+                    ".",
+                    "[",
+                )
                 if t.get("code") != "invalid_request" or not named:
                     out.append(
                         f"accepted: must be refused as invalid_request naming {path!r}: "
