@@ -72,3 +72,20 @@ def test_every_hostile_id(fuzz: FuzzWorker) -> None:
         encode({"cmd": cmd, "id": value}) for cmd in ("ping", "tokenize") for _, value in HOSTILE
     ]
     raise_violations(fuzz.exchange(lines))
+
+
+def test_line_lengths_at_the_limit(fuzz: FuzzWorker) -> None:
+    """The limit counts the line without its ending, and ``\\r\\n`` is a line ending."""
+    head = b'{"cmd":"ping","id":"edge","pad":"'
+    limit = fuzz.max_line_bytes
+    lines = []
+    for size in (limit - 1, limit, limit + 1, limit + 2):
+        for end in (b"\n", b"\r\n"):
+            lines.append(head + b"a" * (size - len(head) - 2) + b'"}' + end)
+    violations = fuzz.exchange(lines, settle_s=5)
+    sizes = sorted(
+        t["error"].split(" bytes")[0] for t in fuzz.replies if t.get("code") == "line_too_long"
+    )
+    if sizes != [f"line of {n}" for n in (limit + 1, limit + 1, limit + 2, limit + 2)]:
+        violations.append(f"line_too_long must give the size without the line ending: {sizes}")
+    raise_violations(violations)
