@@ -22,8 +22,9 @@ from typing import Any
 
 import orjson
 
-# A token id of the tiny demo model that ends a generation at once (its EOS,
-# forced through logit_bias), so sweeps of max_tokens stay short.
+# The tiny demo model's vocabulary (detokenize ids must be below it). Its EOS
+# is token 2: the bases that sweep max_tokens force it with logit_bias, so a
+# huge max_tokens still ends at once.
 VOCAB_SIZE = 2048
 
 

@@ -1,11 +1,12 @@
 """One real worker driven with arbitrary input lines, and the invariants it must keep.
 
 ``FuzzWorker.exchange(lines)`` sends a batch of raw lines to one ``python -m
-bridge`` (the tiny model loaded), reads everything the worker writes until
-every request in the batch has had its terminal line, and returns the
-violations it saw, as readable strings (an empty list: all held):
+bridge`` (the tiny model loaded), then a queued sentinel request; the worker
+answers queued requests in order and the others on arrival, so once the
+sentinel's reply is in, every line the batch will get has been written. It
+returns the violations it saw, as readable strings (an empty list: all held):
 
-- the worker stays alive (it still answers ``ping``);
+- the worker stays alive (and answers the sentinel);
 - stdout carries only JSON lines, each a reply the schema accepts;
 - every request gets exactly one terminal line: its reply, ``done`` or
   ``error`` (``cancel`` never gets one, blank lines are ignored, a line that
