@@ -47,7 +47,9 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-def fuzz_phase(worker: FuzzWorker, lines: int, samples: dict[str, list[str]]) -> None:
+def fuzz_phase(
+    worker: FuzzWorker, lines: int, seconds: float, samples: dict[str, list[str]]
+) -> None:
     batch = st.one_of(
         fs.batches(fs.raw_lines(), max_size=40),
         fs.batches(fs.json_lines(), max_size=40),
@@ -68,8 +70,8 @@ def fuzz_phase(worker: FuzzWorker, lines: int, samples: dict[str, list[str]]) ->
             if len(kept) < 5:
                 kept.append(v[:1500])
 
-    last = time.monotonic()
-    while worker.stats.lines < lines:
+    last = started = time.monotonic()
+    while worker.stats.lines < lines and time.monotonic() - started < seconds:
         run()
         if time.monotonic() - last > 30:
             last = time.monotonic()
@@ -89,6 +91,9 @@ def main() -> int:
     )
     p.add_argument(
         "--async-soak", type=int, default=2_000, help="soak requests through AsyncWorker"
+    )
+    p.add_argument(
+        "--fuzz-seconds", type=float, default=float("inf"), help="stop fuzzing after this long"
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the field sweep")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
@@ -121,7 +126,7 @@ def main() -> int:
         rss_start = worker.rss_bytes
         say(f"fuzz: {args.lines} lines")
         fuzz_started = time.perf_counter()
-        fuzz_phase(worker, args.lines, samples)
+        fuzz_phase(worker, args.lines, args.fuzz_seconds, samples)
         figures["fuzz"] = {
             **worker.stats.as_dict(),
             "worker_rss_start_bytes": rss_start,
@@ -131,19 +136,25 @@ def main() -> int:
     finally:
         worker.close()
     say(f"  {figures['fuzz']}")
+    save(args.out, figures, samples)
     for kind, n in (("sync", args.soak), ("async", args.async_soak)):
         if n:
             say(f"soak ({kind}): {n} requests, 16 concurrent, 20% cancelled")
             report = soak(model, requests=n, kind=kind, warmup=max(100, n // 20))
             figures[f"soak_{kind}"] = report.as_dict()
             say(f"  {figures[f'soak_{kind}']}")
+            save(args.out, figures, samples)
     figures["duration_s"] = round(time.perf_counter() - started, 1)
-    figures["violation_samples"] = samples
-    text = json.dumps(figures, indent=2, ensure_ascii=False)
-    if args.out:
-        args.out.write_text(text + "\n")
-    say(text[:20000])
+    say(save(args.out, figures, samples)[:20000])
     return 0
+
+
+def save(out: Path | None, figures: dict[str, Any], samples: dict[str, list[str]]) -> str:
+    """Write the figures so far (each phase adds its own)."""
+    text = json.dumps({**figures, "violation_samples": samples}, indent=2, ensure_ascii=False)
+    if out:
+        out.write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":
