@@ -398,6 +398,8 @@ class FuzzWorker:
         died = ended = False
         while not ended:
             try:
+                if time.monotonic() > deadline:
+                    raise queue.Empty  # also while a stream keeps the queue busy
                 raw = child.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 if cleanup_sent:
@@ -425,7 +427,15 @@ class FuzzWorker:
                 died = True
                 break
             if raw.startswith(b'{"type":') and f'"id":"{sentinel}"'.encode() in raw[:200]:
-                ended = b'"type":"token"' not in raw[:20]
+                if cleanup_sent and b'"code":"cancelled"' in raw:
+                    # The clean-up cancel caught the sentinel in the queue: ask again.
+                    self._serial += 1
+                    sentinel = f"fuzz-sentinel-{self._serial}"
+                    child.write(
+                        orjson.dumps({"cmd": "tokenize", "id": sentinel, "text": "x"}) + b"\n"
+                    )
+                    continue
+                ended = True
                 continue
             self._take(raw, expected, violations)
         missing = sum(max(0, e.count - len(e.terminals)) for e in expected.values())
