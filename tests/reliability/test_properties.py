@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 from tests.reliability import strategies as fs
 from tests.reliability.hostile import encode
-from tests.reliability.profile import profile
+from tests.reliability.profile import LONG, profile
 from tests.reliability.wire import FuzzWorker, Kind, WorkerChild, classify, raise_violations
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(0 if LONG else 600)  # the long profile runs for hours
 
 
 def run(fuzz: FuzzWorker, items: list[fs.Item]) -> None:
