@@ -17,7 +17,9 @@ of mlx-vlm's processors default it to true, a few hard-code it), and run the
 library's load inside :class:`CodeGuard`: a process-wide audit hook
 (:func:`sys.addaudithook`) that, while the load runs, refuses to execute or
 import anything inside the model directory or transformers'
-``transformers_modules`` cache, on any thread, and on the loading thread also
+``transformers_modules`` cache, or to open a code file there (``*.py``,
+``*.pyc``, ``*.so``, …: a ``.pyc`` may name any file as its source, so
+opening is what gives it away), on any thread, and on the loading thread also
 any Python file or extension module that is not part of the installed
 packages (the standard library, site-packages, ``sys.path`` other than the
 working directory, and this project's packages) and any unpickling. The
@@ -42,6 +44,12 @@ from protocol.requests import Load
 
 TRUST_FLAG = "--trust-remote-code"
 MODULES_CACHE_DIR = "transformers_modules"
+
+# Files whose opening, inside the model directory or the modules cache, means
+# loading code: a loader may import a ``.pyc`` whose code object names any
+# file (``<frozen …>``), so the ``exec`` check alone cannot see where it came
+# from, but it must open the file first.
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".so", ".pyd", ".dylib", ".dll")
 
 
 def remote_code_allowed(request: Load, *, worker_allows: bool) -> bool:
@@ -113,6 +121,15 @@ class CodeGuard:
         if owner and not any(_inside(real, root) for root in _trusted_roots()):
             self._refuse(f"Python code from {filename}")
 
+    def check_open(self, path: str) -> None:
+        """Raise :class:`_Refused` if ``path`` is a code file from the model
+        directory or the modules cache (any thread)."""
+        if not path.endswith(CODE_SUFFIXES):
+            return
+        real = os.path.realpath(path)
+        if _inside(real, self._directory) or MODULES_CACHE_DIR in Path(real).parts:
+            self._refuse(f"Python code from {path}")
+
     def check_unpickle(self, module: object, name: object) -> None:
         # a pickle can call anything it names: loading one is running code
         self._refuse(f"a pickle (it names {module}.{name})")
@@ -164,12 +181,18 @@ def _check(guard: CodeGuard, event: str, args: tuple[Any, ...], *, owner: bool) 
             name = args[0] if args else None
             if isinstance(name, str) and os.path.isabs(name):
                 guard.check_file(name, owner=owner)
+        case "open":
+            path = args[0] if args else None
+            if isinstance(path, bytes):
+                path = os.fsdecode(path)
+            if isinstance(path, str):
+                guard.check_open(path)
         case "pickle.find_class":
             if owner:
                 guard.check_unpickle(*args[:2])
 
 
-_EVENTS = frozenset({"exec", "import", "ctypes.dlopen", "pickle.find_class"})
+_EVENTS = frozenset({"exec", "import", "open", "ctypes.dlopen", "pickle.find_class"})
 
 
 def _trusted_roots() -> tuple[str, ...]:

@@ -154,6 +154,27 @@ def test_flag_and_request_together_run_the_tokenizer_code(
         assert_serving(w)
 
 
+def test_a_compiled_model_file_that_hides_its_source_is_refused(
+    fixture_model: Path, tmp_path: Path, markers: Path
+) -> None:
+    """A ``.pyc`` can name any file as its source (here ``<frozen …>``, which
+    looks like code made in memory): the guard refuses opening it."""
+    import py_compile
+
+    model = with_code(fixture_model, tmp_path / "model", markers, maps={}, model_file=True)
+    py_compile.compile(
+        str(model / "evil_model.py"), cfile=str(model / "arch.pyc"), dfile="<frozen qwen2_vl>"
+    )
+    config = json.loads((model / "config.json").read_text())
+    config["model_file"] = "arch.pyc"
+    (model / "config.json").write_text(json.dumps(config))
+    with worker(tmp_path) as w:
+        reply = w.call({"cmd": "load", "id": "plain", "path": str(model)}, timeout=120)
+        assert ran(markers) == []
+        assert reply["type"] == "error" and reply["code"] == "load_failed", reply
+        assert_serving(w)
+
+
 def test_a_model_file_in_config_json_is_refused_without_trust(
     fixture_model: Path, tmp_path: Path, markers: Path
 ) -> None:
@@ -163,7 +184,7 @@ def test_a_model_file_in_config_json_is_refused_without_trust(
     with worker(tmp_path, "--trust-remote-code") as w:
         reply = w.call({"cmd": "load", "id": "plain", "path": str(model)}, timeout=120)
         assert reply["type"] == "error" and reply["code"] == "load_failed", reply
-        assert "evil_model.py" in reply["error"]
+        assert "evil_model" in reply["error"]  # its source, or its cached .pyc
         assert ran(markers) == []
         assert_serving(w)
 
