@@ -78,8 +78,10 @@ class _Layers:
 
 def check_config(config: Mapping[str, object], weights: Weights) -> None:
     _check_integers(config)
-    text_layers = _layer_count(weights, vision=False)
-    vision_layers = _layer_count(weights, vision=True)
+    text_layers = _layer_count(weights, vision=False, width=_width(text_figures(config)))
+    vision = config.get("vision_config")
+    vision_width = _width(vision) if isinstance(vision, Mapping) else None
+    vision_layers = _layer_count(weights, vision=True, width=vision_width)
     for prefix, section in _sections(config, TEXT_SECTIONS):
         for key, bound in BOUNDS.items():
             _check_figure(section, key, prefix, bound)
@@ -266,22 +268,48 @@ def _hidden_width(config: Mapping[str, object], name: str, tensor: Tensor) -> in
     return width * 32 // bits
 
 
-def _layer_count(weights: Weights, *, vision: bool) -> _Layers | None:
-    """The most layers any tower of the wanted kind holds."""
-    best: _Layers | None = None
-    for name in weights.tensors:
+def _layer_count(weights: Weights, *, vision: bool, width: int | None) -> _Layers | None:
+    """The most layers any tower of the wanted kind really holds: layers
+    0, 1, 2, … without a gap, each with at least :func:`_min_layer_values`
+    values (so one empty tensor named ``layers.999999`` proves nothing)."""
+    held: dict[str, dict[int, int]] = {}  # stem -> layer index -> values
+    for name, tensor in weights.tensors.items():
         match = _LAYER_NAME.match(name)
         if match is None:
             continue
-        prefix = match["prefix"]
-        tower = _tower(prefix)
+        tower = _tower(match["prefix"])
         if (tower == "vision") != vision or tower == "other":
             continue
-        count = int(match["index"]) + 1
+        stem = name[: match.end("index") - len(match["index"]) - 1]
+        layers = held.setdefault(stem, {})
+        index = int(match["index"])
+        layers[index] = layers.get(index, 0) + _values(tensor)
+    best: _Layers | None = None
+    least = _min_layer_values(width)
+    for stem, layers in held.items():
+        count = 0
+        while layers.get(count, 0) >= least:
+            count += 1
         if best is None or count > best.count:
-            stem = name[: match.end("index") - len(match["index"]) - 1]
             best = _Layers(count=count, example=stem)
     return best
+
+
+def _min_layer_values(width: int | None) -> int:
+    """The fewest weight values a layer of a model ``width`` wide can hold:
+    at least its query and output projections (2 × width²), quantized to as
+    little as 2 bits (16 values in one uint32 element)."""
+    return max(1, (2 * width * width) // 16) if width else 1
+
+
+def _values(tensor: Tensor) -> int:
+    """The values a tensor holds, counting a packed uint32 element as 1 (the
+    fewest it can stand for: the check stays a lower bound)."""
+    return tensor.size
+
+
+def _width(section: Mapping[str, object]) -> int | None:
+    return _first_int(section, ("hidden_size", "d_model", "n_embd", "dim", "embed_dim"))
 
 
 def _tower(name: str) -> str | None:

@@ -114,6 +114,7 @@ def _tensors(header: object, *, path: Path, field: str, data_bytes: int) -> dict
     if not isinstance(header, dict):
         raise bad("not a JSON object")
     out: dict[str, Tensor] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict):
@@ -145,6 +146,18 @@ def _tensors(header: object, *, path: Path, field: str, data_bytes: int) -> dict
                 f"data_offsets give {offsets[1] - offsets[0]}"
             )
         out[name] = tensor
+        ranges.append((offsets[0], offsets[1], name))
+    # The safetensors rule: the tensors tile the data exactly, without gaps
+    # or overlaps. Overlapping tensors would make the file's size (which the
+    # memory gate counts) far less than what loading it takes.
+    end = 0
+    for begin, stop, name in sorted(ranges):
+        if begin != end:
+            problem = "overlaps another tensor" if begin < end else f"leaves bytes {end}..{begin}"
+            raise bad(f"{name}: data_offsets [{begin}, {stop}] {problem}")
+        end = stop
+    if end != data_bytes:
+        raise bad(f"the tensors cover {end} of the {data_bytes} data bytes")
     return out
 
 

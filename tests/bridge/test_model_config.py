@@ -22,8 +22,15 @@ def weights(shapes: dict[str, tuple[str, tuple[int, ...]]]) -> Weights:
     return Weights(tensors=tensors, total_bytes=0)
 
 
-def layers(prefix: str, n: int, dtype: str = "BF16") -> dict[str, tuple[str, tuple[int, ...]]]:
-    return {f"{prefix}.{i}.mlp.down_proj.weight": (dtype, (8, 8)) for i in range(n)}
+def layers(
+    prefix: str, n: int, dtype: str = "BF16", width: int = 4096
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``n`` layers of a model ``width`` wide, each with its q and o projections."""
+    return {
+        f"{prefix}.{i}.self_attn.{proj}.weight": (dtype, (width, width))
+        for i in range(n)
+        for proj in ("q_proj", "o_proj")
+    }
 
 
 LLAMA: dict[str, Any] = {
@@ -36,6 +43,23 @@ LLAMA: dict[str, Any] = {
 LLAMA_WEIGHTS = weights(
     {"model.embed_tokens.weight": ("BF16", (128256, 4096)), **layers("model.layers", 32)}
 )
+
+
+@pytest.mark.parametrize(
+    ("shapes", "held"),
+    [
+        # tiny tensors under every index: a layer of a 4096-wide model holds more
+        ({f"model.layers.{i}.x": ("BF16", (8, 8)) for i in range(32)}, 0),
+        # a gap: layers 0..9, then 11..31
+        ({n: v for n, v in layers("model.layers", 32).items() if ".10." not in n}, 10),
+    ],
+)
+def test_layers_count_from_0_without_a_gap_and_with_real_weights(
+    shapes: dict[str, tuple[str, tuple[int, ...]]], held: int
+) -> None:
+    lying = weights({"model.embed_tokens.weight": ("BF16", (128256, 4096)), **shapes})
+    with pytest.raises(LoadFailed, match=f"num_hidden_layers is 32, but the weights hold {held} "):
+        check_config(LLAMA, lying)
 
 
 def test_a_consistent_config_passes_and_counts_its_kv_cache() -> None:

@@ -215,6 +215,24 @@ def header_bytes(header: dict[str, Any], length: int | None = None) -> bytes:
             "w: F32 [4] needs 16 bytes, data_offsets give 8",
         ),
         (header_bytes([1, 2]), "bad safetensors header: not a JSON object"),  # type: ignore[arg-type]
+        (  # two tensors on the same bytes: the file's size would understate them
+            header_bytes(
+                {
+                    "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                    "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                }
+            )
+            + bytes(16),
+            "data_offsets [0, 16] overlaps another tensor",
+        ),
+        (
+            header_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}) + bytes(8),
+            "w: data_offsets [4, 8] leaves bytes 0..4",
+        ),
+        (
+            header_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}) + bytes(8),
+            "the tensors cover 4 of the 8 data bytes",
+        ),
     ],
 )
 def test_a_lying_safetensors_header_is_load_failed(
@@ -225,6 +243,21 @@ def test_a_lying_safetensors_header_is_load_failed(
     refused = load(worker, model)
     assert refused["code"] == "load_failed", refused
     assert "model-extra.safetensors" in refused["error"] and message in refused["error"], refused
+
+
+def test_an_empty_tensor_with_a_huge_layer_index_proves_no_layers(
+    worker: WorkerProcess, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Layers count only from 0 without a gap, each with real weights: one
+    empty ``model.layers.999999.pad`` made a million-layer config pass."""
+    model = copy_model(tiny_model, tmp_path / "m")
+    edit_config(model, num_hidden_layers=1_000_000, max_position_embeddings=1)
+    header = {"model.layers.999999.pad": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}
+    (model / "model-pad.safetensors").write_bytes(header_bytes(header))
+    refused = load(worker, model)
+    assert refused["code"] == "load_failed", refused
+    assert "num_hidden_layers is 1000000, but the weights hold 2 layers" in refused["error"]
+    assert worker.call({"cmd": "ping", "id": "p"})["type"] == "pong"
 
 
 # -- request paths ----------------------------------------------------------------------
