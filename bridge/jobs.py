@@ -11,14 +11,18 @@ encodes plain token lines with :class:`protocol.codec.TokenLines`).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol.codec import encode_or_error
 from protocol.errors import Cancelled, WireError
 from protocol.replies import Done, ErrorReply, Reply, TokenEvent
 from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, Tokenize, Unload
+
+log = logging.getLogger("bridge.jobs")
 
 QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Inspect | Info
 # A sender may return False: the reply could not be encoded, and an
@@ -64,12 +68,25 @@ class Job:
 
     def emit(self, event: TokenEvent) -> None:
         with self._lock:
-            if not self._finished and self.send(event) is False:
-                # an internal error line took its place: that ended the request
-                self._finished = True
-                self._cancel.set()
-                if self.on_finish is not None:
-                    self.on_finish(self)
+            if self._finished:
+                return
+            line, encoded = encode_or_error(event)
+            if not encoded:
+                # The internal error line that takes its place ends the
+                # request: free the id first, as finish does.
+                self._end_by_error()
+            if self.write is None:  # no line writer (a preload): send encodes (and logs) it
+                self.send(event)
+                return
+            if not encoded:
+                log.error("%s", line.decode("utf-8", "replace").rstrip())
+            self.write(line)
+
+    def _end_by_error(self) -> None:
+        self._finished = True
+        self._cancel.set()
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     def emit_line(self, line: bytes) -> None:
         """``emit`` of an encoded token line; only when ``write`` is set."""

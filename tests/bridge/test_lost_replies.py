@@ -21,7 +21,7 @@ from bridge.router import Router
 from bridge.scheduler import SerialScheduler
 from bridge.stdio import LineWriter
 from protocol.codec import Unencodable, encode, encode_or_error
-from protocol.replies import Done, HelloReply, Pong, TokenEvent, TokensReply
+from protocol.replies import Done, HelloReply, Pong, Reply, TokenEvent, TokensReply
 from protocol.requests import Generate, Tokenize
 
 pytestmark = pytest.mark.timeout(20)
@@ -114,6 +114,33 @@ def test_an_unencodable_token_ends_the_request_and_cancels_it(pipe: Pipe) -> Non
     lines = pipe.lines()
     assert [line["type"] for line in lines] == ["token", "error"]
     assert lines[1]["code"] == "internal" and lines[1]["id"] == "g"
+
+
+@pytest.mark.parametrize("with_write", [False, True])
+def test_an_unencodable_token_frees_the_id_before_its_error_line(
+    pipe: Pipe, with_write: bool
+) -> None:
+    """As with finish: a host that reuses the id on reading the error line
+    must not get duplicate_id."""
+    seen: list[str] = []
+
+    def write(line: bytes) -> None:
+        seen.append("line")
+        pipe.writer.write(line)
+
+    def send(reply: Reply) -> bool:
+        seen.append("line")
+        return pipe.writer.send(reply)
+
+    job = Job(
+        request=Generate(id="g", prompt="x"),
+        send=send,
+        write=write if with_write else None,
+        on_finish=lambda job: seen.append("freed"),
+    )
+    job.emit(TokenEvent(id="g", token="b", token_id=HUGE))
+    assert seen == ["freed", "line"]
+    assert pipe.lines()[0]["code"] == "internal"
 
 
 class BrokenFactsEngine:
