@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
+from protocol.launch import module_command
 
 from . import arguments
 from .errors import InvalidArgument
@@ -38,28 +38,6 @@ class UseDefault(enum.Enum):
 USE_DEFAULT = UseDefault.USE_DEFAULT
 Timeout = float | None | UseDefault
 """Seconds, None for no limit, or USE_DEFAULT."""
-
-
-# Python 3.10 has no -P: this does what it does, for one module run as
-# ``python -c CODE MODULE ARGS...``. With -c, sys.path[0] is '' (the working
-# directory) until the code removes it; nothing of ours is imported before.
-_RUN_MODULE_SAFELY = (
-    "import sys; del sys.path[0]; import runpy; "
-    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
-)
-
-
-def module_command(module: str) -> tuple[str, ...]:
-    """``python -m MODULE`` with this interpreter, safe from the working directory.
-
-    Plain ``python -m bridge`` puts the working directory first on the import
-    path, so a ``bridge.py``, ``protocol.py`` or ``orjson.py`` there would run
-    instead of ours. ``-P`` (Python 3.11+) leaves it out; on 3.10 the module
-    is run through ``runpy`` after dropping it. ``PYTHONPATH`` still counts.
-    """
-    if sys.version_info >= (3, 11):
-        return (sys.executable, "-P", "-m", module)
-    return (sys.executable, "-c", _RUN_MODULE_SAFELY, module)
 
 
 def default_command() -> tuple[str, ...]:

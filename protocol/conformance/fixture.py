@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .process import python_module_command
+from ..launch import module_command
 
 __all__ = ["ModelChoice", "choose_model"]
 
@@ -45,7 +45,7 @@ def choose_model(
 
 
 def _build_fixture(target: pathlib.Path, *, env: Mapping[str, str]) -> ModelChoice:
-    command = python_module_command("bridge.demo_model", str(target))
+    command = module_command("bridge.demo_model", str(target))
     shown = "python -m bridge.demo_model"
     try:
         done = subprocess.run(

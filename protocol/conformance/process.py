@@ -29,7 +29,9 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Final
 
-__all__ = ["WorkerProcess", "imports_from_cwd", "python_module_command", "worker_command"]
+from ..launch import module_command
+
+__all__ = ["WorkerProcess", "imports_from_cwd", "worker_command"]
 
 STDERR_TAIL_BYTES: Final = 16 * 1024
 TRANSCRIPT_LINES: Final = 60
@@ -37,27 +39,6 @@ _SHOWN_CHARS: Final = 300
 
 # A first word that means "the kit's own interpreter" (see ``worker_command``).
 BARE_PYTHONS: Final = ("python", "python3")
-
-# Python 3.10 has no -P: this does what it does, for one module run as
-# ``python -c CODE MODULE ARGS...`` (with -c, sys.path[0] is '', the working
-# directory, until the code removes it).
-_RUN_MODULE_SAFELY: Final = (
-    "import sys; del sys.path[0]; import runpy; "
-    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
-)
-
-
-def python_module_command(module: str, *args: str) -> tuple[str, ...]:
-    """``python -m MODULE ARGS`` with this interpreter, safe from the working directory.
-
-    Plain ``-m`` puts the working directory first on the import path, so a
-    ``bridge.py`` or ``protocol.py`` there would run instead of the real
-    module. ``-P`` (3.11+) leaves it out; on 3.10 the module runs through
-    ``runpy`` after dropping it. ``PYTHONPATH`` still counts.
-    """
-    if sys.version_info >= (3, 11):
-        return (sys.executable, "-P", "-m", module, *args)
-    return (sys.executable, "-c", _RUN_MODULE_SAFELY, module, *args)
 
 
 def imports_from_cwd(command: Sequence[str]) -> bool:
@@ -93,7 +74,7 @@ def worker_command(command: Sequence[str]) -> tuple[str, ...]:
         return tuple(command)
     rest = tuple(command[1:])
     if len(rest) >= 2 and rest[0] == "-m":
-        return python_module_command(rest[1], *rest[2:])
+        return module_command(rest[1], *rest[2:])
     return (sys.executable, *rest)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.conformance.process import imports_from_cwd, python_module_command, worker_command
+from protocol.conformance.process import imports_from_cwd, worker_command
+from protocol.launch import module_command as python_module_command
 from supervisor import AsyncWorker, Worker, module_command
 from supervisor.settings import default_command
 from tests.supervisor.conftest import ENV, FAST, ROOT
@@ -90,7 +91,7 @@ def test_the_async_worker_default_is_safe_too(hostile: Path, tiny_model: Path) -
 
 def test_the_python_3_10_form_is_safe_too(hostile: Path) -> None:
     # what module_command gives on 3.10, which has no -P; run here on this Python
-    from supervisor.settings import _RUN_MODULE_SAFELY
+    from protocol.launch import _RUN_MODULE_SAFELY
 
     command = (sys.executable, "-c", _RUN_MODULE_SAFELY, "mock_worker")
     with Worker(command, model="mock-model", env=ENV, cwd=str(hostile), **FAST) as w:
