@@ -46,23 +46,6 @@ def test_async_chat_against_the_real_worker(tiny_model: Path) -> None:
     assert asyncio.run(main())
 
 
-def _bridge_has(flag: str) -> bool:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "bridge", "--help"],
-        capture_output=True,
-        env={**ENV, "PATH": "/usr/bin:/bin"},
-        cwd=ROOT,
-        timeout=30,
-    )
-    return flag.encode() in out.stdout
-
-
-@pytest.mark.skipif(
-    not _bridge_has("--model-root"), reason="the worker has no --model-root flag in this tree"
-)
 def test_model_root_confines_load(tiny_model: Path, tmp_path: Path) -> None:
     """``model_root`` reaches the worker as ``--model-root``: a model outside it is forbidden."""
     from supervisor import RequestError
