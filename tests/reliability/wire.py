@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 import psutil
 
+from protocol.conformance.session import REPLY_TYPE, STREAMING
 from tests.harness import ROOT, Line, worker_env
 from tests.schema_check import validate_reply
 
@@ -49,20 +50,6 @@ from tests.schema_check import validate_reply
 # over it are cheap to make, and above every hostile value (200 KB of nesting).
 MAX_LINE_BYTES = 256 * 1024
 
-REPLY_TYPES: Mapping[str, str] = {
-    "hello": "hello",
-    "ping": "pong",
-    "load": "loaded",
-    "unload": "unloaded",
-    "generate": "done",
-    "chat": "done",
-    "info": "info",
-    "tokenize": "tokens",
-    "detokenize": "text",
-    "inspect": "inspected",
-    "quit": "bye",
-}
-STREAMING = frozenset({"generate", "chat"})
 MODEL_CHANGING = frozenset({"load", "unload"})
 # After the clean-up cancel, how long the cancelled requests may take to end
 # (a prefill chunk of a long prompt on a loaded 2-core machine).
@@ -91,7 +78,7 @@ class Sent:
     @property
     def allowed(self) -> frozenset[str]:
         """Terminal reply types this request may get."""
-        reply = REPLY_TYPES.get(self.cmd) if isinstance(self.cmd, str) else None
+        reply = REPLY_TYPE.get(self.cmd) if isinstance(self.cmd, str) else None
         return frozenset({"error", reply} if reply else {"error"})
 
 
