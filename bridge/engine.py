@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Sampling, Tokenize
+
+if TYPE_CHECKING:
+    from .model_files import ModelFiles
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,3 +87,12 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Last call on the engine thread (release per-thread state)."""
+
+
+class ModelEngine(Engine, Protocol):
+    """An engine that loads from a model directory already checked by
+    :func:`bridge.model_files.open_model` (the routing engine checks once,
+    with ``--model-root``, and hands the result over)."""
+
+    def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:
+        """``load`` of ``files`` (``request.path`` and ``adapter_path``, resolved)."""

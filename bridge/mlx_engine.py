@@ -38,7 +38,7 @@ from .mlx_install import mlx_problem, require_mlx
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
-from .model_files import check_fits, open_model
+from .model_files import ModelFiles, check_fits, open_model
 from .prompt_tokens import encode_prompt
 from .remote_code import CodeGuard, remote_code_allowed
 from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
@@ -120,9 +120,13 @@ class MlxLmEngine:
 
     def load(self, request: Load) -> ModelFacts:
         require_mlx(request.id)
+        remote_code_allowed(request, worker_allows=self._trust_remote_code)  # before any read
+        return self.load_checked(request, open_model(request.path, request.adapter_path))
+
+    def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
-        files = open_model(request.path, request.adapter_path)  # every file checked
         directory, needed = files.directory, files.weights_bytes
+        adapter = str(files.adapter) if files.adapter is not None else None
         check_fits(
             files.footprint(request.context_len), self._available_memory(), force=request.force
         )
@@ -134,7 +138,7 @@ class MlxLmEngine:
             with CodeGuard(directory, allowed=trust, request_id=request.id):
                 model, tokenizer, config = mlx_lm.load(
                     str(directory),
-                    adapter_path=request.adapter_path,
+                    adapter_path=adapter,
                     tokenizer_config={"trust_remote_code": trust},
                     return_config=True,
                     trust_remote_code=trust,

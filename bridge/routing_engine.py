@@ -16,8 +16,7 @@ Before anything else, :func:`bridge.model_files.open_model` checks the model
 directory (every file a loader reads, ``config.json`` against the weights'
 headers) and, with ``model_root`` (``--model-root``), that ``path`` and
 ``adapter_path`` lie inside the root (``forbidden`` otherwise). The engine
-then gets the request with the resolved directories, so it loads what was
-checked.
+then loads what was checked (``load_checked``), without reading it again.
 
 The vision engine is built on first use, so a worker that never loads a
 vision model never imports mlx-vlm.
@@ -27,26 +26,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Generator
-from dataclasses import replace
 from pathlib import Path
 
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
-from .engine import Engine, Prepared, ShouldAbort, Step
+from .engine import ModelEngine, Prepared, ShouldAbort, Step
 from .mlx_install import require_mlx
 from .mlx_memory import available_memory
 from .model_files import check_fits, open_model, weights_bytes
 from .model_kind import ModelKind, model_kind
 from .remote_code import remote_code_allowed
 
-VisionFactory = Callable[[], Engine]
+VisionFactory = Callable[[], ModelEngine]
 
 
 class RoutingEngine:
     def __init__(
         self,
-        text: Engine,
+        text: ModelEngine,
         vision: VisionFactory,
         *,
         memory_budget: int | None = None,
@@ -60,10 +58,10 @@ class RoutingEngine:
         ``model_root``, when set, confines ``load`` to that directory."""
         self._text = text
         self._vision_factory = vision
-        self._vision: Engine | None = None
+        self._vision: ModelEngine | None = None
         self._memory_budget = memory_budget
         self._require_vision = require_vision or _require_mlx_vlm
-        self._current: Engine = text
+        self._current: ModelEngine = text
         self._trust_remote_code = trust_remote_code  # --trust-remote-code
         self._model_root = Path(os.path.realpath(model_root)) if model_root else None
 
@@ -91,8 +89,7 @@ class RoutingEngine:
         if target is not self._current:
             self._current.unload()
             self._current = target
-        adapter = str(files.adapter) if files.adapter is not None else None
-        return target.load(replace(request, path=str(files.directory), adapter_path=adapter))
+        return target.load_checked(request, files)
 
     def unload(self) -> bool:
         return self._current.unload()
@@ -130,7 +127,7 @@ class RoutingEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _vision_engine(self) -> Engine:
+    def _vision_engine(self) -> ModelEngine:
         if self._vision is None:
             self._vision = self._vision_factory()
             self._vision.warm_up()

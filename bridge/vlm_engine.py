@@ -57,7 +57,7 @@ from .mlx_engine import DEFAULT_PREFILL_STEP
 from .mlx_facts import model_facts
 from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
 from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
-from .model_files import check_fits, open_model
+from .model_files import ModelFiles, check_fits, open_model
 from .prompt_tokens import encode_prompt
 from .remote_code import CodeGuard, remote_code_allowed
 
@@ -130,9 +130,13 @@ class MlxVlmEngine:
         import mlx.core  # noqa: F401
 
     def load(self, request: Load) -> ModelFacts:
+        remote_code_allowed(request, worker_allows=self._trust_remote_code)  # before any read
+        return self.load_checked(request, open_model(request.path, request.adapter_path))
+
+    def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
-        files = open_model(request.path, request.adapter_path)  # every file checked
         directory, needed = files.directory, files.weights_bytes
+        adapter = str(files.adapter) if files.adapter is not None else None
         check_fits(
             files.footprint(request.context_len), self._available_memory(), force=request.force
         )
@@ -147,7 +151,7 @@ class MlxVlmEngine:
             # default is to trust: pass False explicitly, and guard what ignores it.
             with CodeGuard(directory, allowed=trust, request_id=request.id):
                 model, processor = mlx_vlm.load(
-                    str(directory), adapter_path=request.adapter_path, trust_remote_code=trust
+                    str(directory), adapter_path=adapter, trust_remote_code=trust
                 )
             config = load_config(directory)
         except LoadFailed:

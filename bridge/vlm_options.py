@@ -11,7 +11,7 @@ import argparse
 import os
 
 from .cli import positive_int
-from .engine import Engine
+from .engine import ModelEngine
 from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, ImagePolicy
 from .routing_engine import RoutingEngine
 
@@ -73,12 +73,12 @@ def image_root(text: str) -> str:
     return real
 
 
-def routing_engine(text: Engine, args: argparse.Namespace) -> RoutingEngine:
+def routing_engine(text: ModelEngine, args: argparse.Namespace) -> RoutingEngine:
     """``text`` for text models, and an mlx-vlm engine, built on first use,
     for vision models; ``args`` holds the engine and vision options."""
     policy = image_policy(args)
 
-    def vision() -> Engine:
+    def vision() -> ModelEngine:
         from .vlm_engine import MlxVlmEngine
 
         return MlxVlmEngine(
