@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING
 from protocol.errors import BadImage, Forbidden, ImageTooLarge, RequestId
 from protocol.requests import ChatMessage, ImagePart
 
+from .untrusted_files import is_inside
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -200,7 +202,7 @@ def _read_file(
     path = Path(path_text)
     if not path.is_absolute():
         raise BadImage(f"{field}: a file path must be absolute, got {path}", request_id=request_id)
-    if policy.roots and not _inside_roots(os.path.realpath(path), policy.roots):
+    if policy.roots and not any(is_inside(os.path.realpath(path), root) for root in policy.roots):
         raise _outside_roots(field, path, request_id)
     try:
         # stat first, so that a device is refused without being opened (opening
@@ -215,7 +217,9 @@ def _read_file(
         ) from None
     try:
         _require_regular(os.fstat(fd).st_mode, field, path, request_id)
-        if policy.roots and not _inside_roots(_opened_path(fd, path), policy.roots):
+        if policy.roots and not any(
+            is_inside(_opened_path(fd, path), root) for root in policy.roots
+        ):
             raise _outside_roots(field, path, request_id)  # a symlink swapped after the check
         data = _read_at_most(fd, policy.max_bytes + 1)
     except OSError as exc:
@@ -264,10 +268,6 @@ def _opened_path(fd: int, path: Path) -> str:
     except OSError:
         pass  # no /proc (a bare container): the check made before opening stands
     return os.path.realpath(path)
-
-
-def _inside_roots(real: str, roots: tuple[str, ...]) -> bool:
-    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 def _outside_roots(field: str, path: Path, request_id: RequestId | None) -> Forbidden:

@@ -42,6 +42,8 @@ from typing import Any
 from protocol.errors import Forbidden, LoadFailed, RequestId
 from protocol.requests import Load
 
+from .untrusted_files import is_inside
+
 TRUST_FLAG = "--trust-remote-code"
 MODULES_CACHE_DIR = "transformers_modules"
 
@@ -116,9 +118,9 @@ class CodeGuard:
         if not os.path.isabs(filename):
             return  # "<string>", "<frozen …>", jinja's "<template>": code made in memory
         real = os.path.realpath(filename)
-        if _inside(real, self._directory) or MODULES_CACHE_DIR in Path(real).parts:
+        if is_inside(real, self._directory) or MODULES_CACHE_DIR in Path(real).parts:
             self._refuse(f"Python code from {filename}")
-        if owner and not any(_inside(real, root) for root in _trusted_roots()):
+        if owner and not any(is_inside(real, root) for root in _trusted_roots()):
             self._refuse(f"Python code from {filename}")
 
     def check_open(self, path: str) -> None:
@@ -127,7 +129,7 @@ class CodeGuard:
         if not path.endswith(CODE_SUFFIXES):
             return
         real = os.path.realpath(path)
-        if _inside(real, self._directory) or MODULES_CACHE_DIR in Path(real).parts:
+        if is_inside(real, self._directory) or MODULES_CACHE_DIR in Path(real).parts:
             self._refuse(f"Python code from {path}")
 
     def check_unpickle(self, module: object, name: object) -> None:
@@ -209,7 +211,3 @@ def _trusted_roots() -> tuple[str, ...]:
         paths.update((str(here), str(here.parent / "protocol")))
         _roots = tuple(sorted({os.path.realpath(p) for p in paths if p}))
     return _roots
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

@@ -35,6 +35,12 @@ MAX_JSON_DEPTH = 64
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | os.O_CLOEXEC
 
 
+def is_inside(path: str, root: str) -> bool:
+    """Whether the real path ``path`` is ``root`` or lies under it (both
+    already resolved; a plain string test, cheap enough for an audit hook)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def kind_of_mode(mode: int) -> str:
     """What a non-regular file is, in words."""
     if stat.S_ISDIR(mode):
