@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from protocol.conformance.process import imports_from_cwd, worker_command
-from protocol.launch import module_command as python_module_command
 from supervisor import AsyncWorker, Worker, module_command
 from supervisor.settings import default_command
 from tests.supervisor.conftest import ENV, FAST, ROOT
@@ -102,13 +101,11 @@ def test_the_python_3_10_form_is_safe_too(hostile: Path) -> None:
 def test_the_conformance_kit_runs_a_bare_python_with_its_own_interpreter(
     hostile: Path,
 ) -> None:
-    assert worker_command(["python", "-m", "bridge", "--x"]) == python_module_command(
-        "bridge", "--x"
-    )
+    assert worker_command(["python", "-m", "bridge", "--x"]) == module_command("bridge", "--x")
     assert worker_command(["python3", "w.py"]) == (sys.executable, "w.py")
     assert worker_command(["./my-worker"]) == ("./my-worker",)
     done = subprocess.run(
-        [*python_module_command("protocol.conformance"), "--only", "startup"]
+        [*module_command("protocol.conformance"), "--only", "startup"]
         + ["--", "python", "-m", "mock_worker"],
         cwd=hostile,
         env=os.environ | ENV | {"PATH": "/nonexistent"},  # a bare python must not be looked up
@@ -186,7 +183,7 @@ def test_the_kit_knows_which_commands_import_from_the_working_directory(
 
 def test_the_kit_warns_of_a_hijackable_command(tmp_path: Path) -> None:
     done = subprocess.run(
-        [*python_module_command("protocol.conformance"), "--only", "startup / hello"]
+        [*module_command("protocol.conformance"), "--only", "startup / hello"]
         + ["--", sys.executable, "-m", "mock_worker"],
         cwd=ROOT,
         env=os.environ | ENV,
