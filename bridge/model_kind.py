@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from pathlib import Path
-
-from .model_files import read_config
 
 # Keys whose (non-empty) presence means a vision encoder.
 VISION_KEYS = ("vision_config", "vision_tower_config", "visual", "mm_vision_tower")
@@ -34,7 +31,3 @@ def model_kind(config: Mapping[str, object]) -> ModelKind:
     if any(config.get(key) for key in VISION_KEYS):
         return ModelKind.VISION
     return ModelKind.TEXT
-
-
-def kind_of(directory: Path) -> ModelKind:
-    return model_kind(read_config(directory))

@@ -27,10 +27,10 @@ import stat
 from pathlib import Path
 
 from protocol.errors import LoadFailed
+from protocol.fields import MAX_JSON_DEPTH, too_deep
 
-# Deepest nesting accepted in a JSON file we parse ourselves. Real configs
-# nest 3-5 levels.
-MAX_JSON_DEPTH = 64
+# MAX_JSON_DEPTH (64, the requests' bound) also bounds the JSON files we parse
+# ourselves; real configs nest 3-5 levels.
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | os.O_CLOEXEC
 
@@ -123,28 +123,9 @@ def parse_json(data: bytes, *, path: Path, field: str) -> object:
         raise LoadFailed(f"{field}: {path} nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise LoadFailed(f"{field}: {path} is not valid JSON: {exc}") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
+    if too_deep(value, MAX_JSON_DEPTH) is not None:
         raise LoadFailed(f"{field}: {path} nests deeper than {MAX_JSON_DEPTH} levels")
     return value
-
-
-def json_depth(value: object) -> int:
-    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
-    deepest = 0
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: list[object] = list(item.values())
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        if depth + 1 > MAX_JSON_DEPTH:
-            return depth + 1
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def _check_mode(path: Path, st: os.stat_result, *, field: str, limit: int | None) -> None:
