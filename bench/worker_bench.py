@@ -246,7 +246,7 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from bridge.mlx_engine import DEFAULT_PREFILL_STEP
+    from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
 
     step = args.prefill_step_size or DEFAULT_PREFILL_STEP
     results: dict[str, Any] = {

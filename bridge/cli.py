@@ -7,13 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 import protocol
+from bridge.arguments import existing_directory, non_negative_int, positive_int
+from bridge.loop.server import ServeOptions, serve
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
-
-from .server import ServeOptions, serve
 
 DESCRIPTION = """\
 mlx-bridge worker: serves MLX language models over stdin/stdout, one JSON
@@ -75,9 +74,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    from .context_limits import DEFAULT_MAX_PROMPT_TOKENS
-    from .mlx_engine import DEFAULT_PREFILL_STEP
-    from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
+    from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS
+    from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
+    from bridge.engines.text.prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 
     p.add_argument(
         "--prefill-step-size",
@@ -138,27 +137,6 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be ≥ 1")
-    return value
-
-
-def existing_directory(text: str) -> Path:
-    path = Path(os.path.realpath(os.path.expanduser(text)))
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is not a directory")
-    return path
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be ≥ 0")
-    return value
-
-
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         stream=sys.stderr, level=level, format="%(name)s %(levelname)s: %(message)s"
@@ -168,14 +146,14 @@ def setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     # Here, not at the top: mock_worker imports this module for its parser, and
     # the vision options pull in the image and routing code it never uses.
-    from .vlm_options import add_vision_options, routing_engine
+    from bridge.engines.vision.options import add_vision_options, routing_engine
 
     p = parser()
     add_engine_options(p)
     add_vision_options(p)
     args = p.parse_args(argv)
     setup_logging(args.log_level)
-    from .mlx_engine import MlxLmEngine
+    from bridge.engines.text.engine import MlxLmEngine
 
     text = MlxLmEngine(
         prefill_step_size=args.prefill_step_size,

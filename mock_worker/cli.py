@@ -14,9 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from bridge.cli import existing_directory, prog_name, setup_logging
+from bridge.arguments import existing_directory
 from bridge.cli import parser as bridge_parser
-from bridge.server import ServeOptions, serve
+from bridge.cli import prog_name, setup_logging
+from bridge.loop.server import ServeOptions, serve
 from protocol.errors import ERROR_CODES
 from protocol.requests import Quit
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 
-from bridge.engine import Step
+from bridge.engines.engine_protocol import Step
 from protocol.replies import TopLogprob
 from protocol.requests import Chat, ContentPart, Generate, TextPart
 

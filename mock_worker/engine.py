@@ -1,10 +1,10 @@
-"""``ScriptedEngine``: a :class:`bridge.engine.Engine` with no model behind it.
+"""``ScriptedEngine``: a :class:`bridge.engines.engine_protocol.Engine` with no model behind it.
 
 It loads any path instantly, echoes the prompt's words as tokens (see
 :mod:`mock_worker.echo`), tokenizes text as its UTF-8 bytes, answers
 ``inspect`` with made-up attention files of the mock model's shapes (see
 :func:`attention_values`), and injects the faults of
-:mod:`mock_worker.faults`. The real request loop (:func:`bridge.server.serve`)
+:mod:`mock_worker.faults`. The real request loop (:func:`bridge.loop.server.serve`)
 runs it, so stop strings, cancel, queueing and every reply shape are the
 real worker's.
 """
@@ -20,9 +20,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bridge.engine import Prepared, ShouldAbort, Step
-from bridge.model_files import confine
-from bridge.remote_code import remote_code_allowed
+from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.model_dir.files import confine
+from bridge.model_dir.remote_code import remote_code_allowed
 from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Chat, Detokenize, GenerationRequest, Inspect, Load, Tokenize
@@ -196,7 +196,7 @@ class ScriptedEngine:
 
     def inspect(self, request: Inspect) -> AttentionFacts:
         # Imported here, not at start-up: only inspect writes attention files.
-        from bridge.inspect_attention import (
+        from bridge.engines.text.inspect_attention import (
             AttentionCapture,
             InspectError,
             output_directory,

@@ -3,8 +3,13 @@
 - ``protocol`` imports nothing of ours;
 - ``bridge`` and ``supervisor`` import ``protocol`` and never each other;
 - ``mock_worker`` may use ``bridge``'s request loop but never MLX;
-- only engine modules and fixture builders import MLX, mlx-lm or mlx-vlm,
-  and ``python -m bridge`` must not import them before its first reply.
+- only modules under ``bridge/engines/`` (the engines) and ``bridge/demo/``
+  (the fixture builders) import MLX, mlx-lm or mlx-vlm, always lazily (inside
+  functions), and ``python -m bridge`` must not import them before its first
+  reply;
+- the request loop, ``bridge/loop/``, knows engines only through
+  ``bridge.engines.engine_protocol``, and nothing of ``bridge.model_dir`` or
+  ``bridge.demo``.
 """
 
 from __future__ import annotations
@@ -26,25 +31,54 @@ ALLOWED = {
     "supervisor": {"protocol"},
     "mock_worker": {"protocol", "bridge"},
 }
-# Modules allowed to import MLX (always lazily, inside functions).
-ENGINE_MODULES = ("mlx_", "vlm_", "demo_", "inspect")
+# Packages whose modules may import MLX (always lazily, inside functions).
+ENGINE_PACKAGES = ("bridge.engines", "bridge.demo")
+# What the request loop may import of bridge, besides its own package.
+LOOP = "bridge.loop"
+LOOP_MAY_IMPORT = ("bridge.engines.engine_protocol", "bridge.versions")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:
-    """(top-level package, at module level?) for every import in a file."""
+    """(full module name, at module level?) for every import in a file.
+
+    Relative imports are resolved against the file's package, so that
+    ``from ..engines import routing`` counts as ``bridge.engines.routing``.
+    """
     tree = ast.parse(path.read_text(), str(path))
     top_level = {id(node) for node in tree.body}
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                prefix = ".".join([*base, node.module] if node.module else base)
+            else:
+                prefix = node.module or ""
+            # `from bridge.engines import routing` imports bridge.engines.routing
+            names = [f"{prefix}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
-            found.append((name.split(".")[0], id(node) in top_level))
+            found.append((name, id(node) in top_level))
     return found
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def package_files(package: str) -> list[Path]:
@@ -55,21 +89,38 @@ def package_files(package: str) -> list[Path]:
 def test_packages_import_only_what_they_may(package: str) -> None:
     for path in package_files(package):
         for name, _ in imports(path):
-            if name in OURS and name != package:
-                assert name in ALLOWED[package], f"{path.relative_to(ROOT)} imports {name}"
+            if top(name) in OURS and top(name) != package:
+                assert top(name) in ALLOWED[package], f"{path.relative_to(ROOT)} imports {name}"
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_only_engine_modules_import_mlx(package: str) -> None:
     for path in package_files(package):
-        heavy = [(name, top) for name, top in imports(path) if name in HEAVY]
+        heavy = [(name, at_top) for name, at_top in imports(path) if top(name) in HEAVY]
         if not heavy:
             continue
         rel = path.relative_to(ROOT)
-        assert package == "bridge" and path.name.startswith(ENGINE_MODULES), (
-            f"{rel} imports {heavy[0][0]}"
-        )
-        assert not any(top for _, top in heavy), f"{rel} imports MLX at module level"
+        module = module_name(path)
+        assert any(inside(module, p) for p in ENGINE_PACKAGES), f"{rel} imports {heavy[0][0]}"
+        assert not any(at_top for _, at_top in heavy), f"{rel} imports MLX at module level"
+
+
+def test_the_request_loop_knows_engines_only_by_their_protocol() -> None:
+    files = package_files(LOOP.replace(".", "/"))
+    assert files, "no bridge/loop/ package"
+    for path in files:
+        for name, _ in imports(path):
+            if top(name) != "bridge" or inside(name, LOOP):
+                continue
+            assert any(inside(name, allowed) for allowed in LOOP_MAY_IMPORT), (
+                f"{path.relative_to(ROOT)} imports {name}"
+            )
+
+
+def test_the_engine_packages_exist() -> None:
+    # the rules above name these folders; a rename must not make them vacuous
+    for package in (*ENGINE_PACKAGES, "bridge.model_dir", LOOP):
+        assert (ROOT / package.replace(".", "/") / "__init__.py").is_file(), package
 
 
 def test_the_worker_answers_before_importing_mlx() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bridge.context_limits import (
+from bridge.engines.context_limits import (
     CUT_MARGIN,
     DEFAULT_MAX_PROMPT_TOKENS,
     ContextLimits,
@@ -260,7 +260,7 @@ def test_the_default_cap_and_no_cap(tiny_model: Path) -> None:
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     pytest.importorskip("mlx_vlm")
-    from bridge import demo_vlm
+    from bridge.demo import vlm as demo_vlm
 
     path = demo_vlm.ensure(tmp_path_factory.mktemp("models") / "tiny-vlm")
     with WorkerProcess("bridge") as w:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.stdio import READ_CHUNK, Oversized, read_lines
+from bridge.loop.stdio import READ_CHUNK, Oversized, read_lines
 from tests.harness import WorkerProcess
 
 pytestmark = pytest.mark.timeout(60)

@@ -48,7 +48,7 @@ def image_chat(rid: str, url: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bridge import demo_vlm
+    from bridge.demo import vlm as demo_vlm
 
     return demo_vlm.ensure(tmp_path_factory.mktemp("models") / "tiny-vlm")
 

@@ -23,7 +23,12 @@ import mlx_lm
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from bridge.inspect_attention import DIR_PREFIX, InspectError, capture_attention, inspect_prompt
+from bridge.engines.text.inspect_attention import (
+    DIR_PREFIX,
+    InspectError,
+    capture_attention,
+    inspect_prompt,
+)
 from tests.harness import Line, WorkerProcess
 
 PROMPT = "def fibonacci(n): return n if n < 2 else fibonacci(n - 1)"

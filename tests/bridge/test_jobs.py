@@ -13,9 +13,9 @@ from collections.abc import Generator, Sequence
 import orjson
 import pytest
 
-from bridge.engine import Prepared, ShouldAbort, Step
-from bridge.generation import run_generation
-from bridge.jobs import Job
+from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.loop.generation import run_generation
+from bridge.loop.jobs import Job
 from protocol.codec import encode
 from protocol.replies import Reply, TopLogprob
 from protocol.requests import Generate, GenerationRequest, parse_request

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from bridge.jobs import Job
-from bridge.router import Router
-from bridge.scheduler import SerialScheduler
-from bridge.stdio import LineWriter
+from bridge.loop.jobs import Job
+from bridge.loop.router import Router
+from bridge.loop.scheduler import SerialScheduler
+from bridge.loop.stdio import LineWriter
 from protocol.codec import Unencodable, encode, encode_or_error
 from protocol.replies import Done, HelloReply, Pong, Reply, TokenEvent, TokensReply
 from protocol.requests import Generate, Tokenize

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from bridge.model_config import check_config, kv_cache_bytes
-from bridge.safetensors_header import Tensor, Weights
+from bridge.model_dir.config import check_config, kv_cache_bytes
+from bridge.model_dir.safetensors_header import Tensor, Weights
 from protocol.errors import LoadFailed
 
 

@@ -379,7 +379,7 @@ def test_model_root_must_be_a_directory(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("mlx_vlm")
-    from bridge import demo_vlm
+    from bridge.demo import vlm as demo_vlm
 
     return demo_vlm.ensure(tmp_path_factory.mktemp("models") / "tiny-vlm")
 

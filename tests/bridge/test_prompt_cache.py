@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge.mlx_prompt_cache import PromptCacheStore
+from bridge.engines.text.prompt_cache import PromptCacheStore
 from protocol.codec import decode_request
 from protocol.errors import InvalidRequest
 from protocol.requests import Chat, Generate

@@ -72,7 +72,7 @@ def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("mlx_vlm")
-    from bridge import demo_vlm
+    from bridge.demo import vlm as demo_vlm
 
     return demo_vlm.ensure(tmp_path_factory.mktemp("models") / "tiny-vlm")
 
@@ -198,7 +198,7 @@ def test_the_guard_refuses_code_and_pickles_even_when_swallowed(tmp_path: Path) 
     import threading
     from collections import OrderedDict
 
-    from bridge.remote_code import CodeGuard
+    from bridge.model_dir.remote_code import CodeGuard
     from protocol.errors import LoadFailed
 
     model = tmp_path / "model"

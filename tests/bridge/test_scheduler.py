@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from bridge import scheduler as scheduler_module
-from bridge.scheduler import SerialScheduler
+from bridge.loop import scheduler as scheduler_module
+from bridge.loop.scheduler import SerialScheduler
 from mock_worker.engine import ScriptedEngine
 
 pytestmark = pytest.mark.timeout(10)

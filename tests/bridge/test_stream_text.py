@@ -3,7 +3,7 @@
 mlx-lm's BPE streaming detokenizer dropped the first token's leading space
 (``"Once upon a time"`` streamed ``"time time …"`` while ``detokenize`` gave
 ``" time time …"``). The worker now writes each token's text with
-:mod:`bridge.detokenizer`, over the tokenizer's own ``decode``.
+:mod:`bridge.engines.detokenizer`, over the tokenizer's own ``decode``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.detokenizer import MAX_PENDING, IncrementalDetokenizer, for_tokenizer
+from bridge.engines.detokenizer import MAX_PENDING, IncrementalDetokenizer, for_tokenizer
 from tests.harness import Line, WorkerProcess, text_of, token_ids
 
 PROMPTS = [
@@ -269,7 +269,7 @@ def test_clean_up_holds_back_only_what_may_change() -> None:
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("mlx_vlm")
-    from bridge import demo_vlm
+    from bridge.demo import vlm as demo_vlm
 
     return demo_vlm.ensure(tmp_path_factory.mktemp("models") / "tiny-vlm")
 

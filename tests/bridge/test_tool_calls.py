@@ -24,8 +24,8 @@ import orjson
 import pytest
 
 from bridge import demo_model
-from bridge.mlx_engine import MlxLmEngine, MlxPrepared
-from bridge.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
+from bridge.engines.text.engine import MlxLmEngine, MlxPrepared
+from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 from protocol.codec import decode_request
 from protocol.errors import InvalidRequest
 from protocol.fields import JsonValue

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from bridge.images import ImagePolicy, decode_image, read_image_bytes
-from bridge.model_kind import ModelKind, model_kind
+from bridge.engines.vision.images import ImagePolicy, decode_image, read_image_bytes
+from bridge.model_dir.kind import ModelKind, model_kind
 from protocol.errors import BadImage, ImageTooLarge
 from protocol.replies import InfoReply
 from protocol.reply_decode import parse_reply
@@ -70,7 +70,7 @@ def image_chat(
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline vision fixture (tests that use it need the vlm extra)."""
     pytest.importorskip("mlx_vlm")
-    from bridge import demo_vlm
+    from bridge.demo import vlm as demo_vlm
 
     return demo_vlm.ensure(tmp_path_factory.mktemp("models") / "tiny-vlm")
 

@@ -39,7 +39,7 @@ def test_a_whole_session_imports_no_mlx() -> None:
         worker.close()
         imported = worker.stderr
         assert "mock_worker.engine" in imported
-        assert "bridge.server" in imported
+        assert "bridge.loop.server" in imported
         assert not HEAVY.search(imported), HEAVY.findall(imported)
 
 

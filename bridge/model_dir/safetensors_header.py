@@ -3,11 +3,11 @@
 A safetensors file is an 8-byte little-endian header length N, N bytes of
 JSON (tensor name → ``dtype``, ``shape``, ``data_offsets`` into the data that
 follows), then the data. The header tells what the weights hold (the layer
-count and shapes that :mod:`bridge.model_config` checks ``config.json``
+count and shapes that :mod:`bridge.model_dir.config` checks ``config.json``
 against, the dtype the KV cache will have) without reading the data.
 
 Nothing here trusts the file: it is opened without blocking
-(:mod:`bridge.untrusted_files`), N is bounded (as the safetensors library
+(:mod:`bridge.model_dir.untrusted`), N is bounded (as the safetensors library
 bounds it) and must fit in the file, and every tensor's offsets must lie in
 the file and match its shape and dtype. Failures are ``load_failed`` naming
 the file.
@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.model_dir.untrusted import open_regular, parse_json, read_exactly
 from protocol.errors import LoadFailed
-
-from .untrusted_files import open_regular, parse_json, read_exactly
 
 # The safetensors library refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000

@@ -16,14 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from bridge.engines.engine_protocol import Engine, Step
+from bridge.loop.jobs import Job
+from bridge.loop.stops import StopFilter
 from protocol.codec import TokenLines
 from protocol.errors import RequestId
 from protocol.replies import Done, TokenEvent, ToolCall
 from protocol.requests import Chat, Generate
-
-from .engine import Engine, Step
-from .jobs import Job
-from .stops import StopFilter
 
 Emit = Callable[[Step, str], None]
 

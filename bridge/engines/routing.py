@@ -1,6 +1,6 @@
 """One engine in front of two: mlx-lm for text models, mlx-vlm for vision models.
 
-``load`` reads the model's ``config.json`` (:mod:`bridge.model_kind`) and
+``load`` reads the model's ``config.json`` (:mod:`bridge.model_dir.kind`) and
 hands the load to the engine for that kind; every other call goes to the
 engine that holds the current model (at most one of them does). With no
 model loaded, calls go to the text engine, which answers ``no_model``.
@@ -12,7 +12,7 @@ installed for a vision model (``load_failed`` with an install hint if not);
 errors up to here leave the current model loaded. Then the current model is
 unloaded and the chosen engine loads.
 
-Before anything else, :func:`bridge.model_files.open_model` checks the model
+Before anything else, :func:`bridge.model_dir.files.open_model` checks the model
 directory (every file a loader reads, ``config.json`` against the weights'
 headers) and, with ``model_root`` (``--model-root``), that ``path`` and
 ``adapter_path`` lie inside the root (``forbidden`` otherwise). The engine
@@ -28,15 +28,14 @@ import os
 from collections.abc import Callable, Generator
 from pathlib import Path
 
+from bridge.engines.engine_protocol import ModelEngine, Prepared, ShouldAbort, Step
+from bridge.engines.mlx.install import require_mlx
+from bridge.engines.mlx.memory import available_memory
+from bridge.model_dir.files import check_fits, open_model, weights_bytes
+from bridge.model_dir.kind import ModelKind, model_kind
+from bridge.model_dir.remote_code import remote_code_allowed
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
-
-from .engine import ModelEngine, Prepared, ShouldAbort, Step
-from .mlx_install import require_mlx
-from .mlx_memory import available_memory
-from .model_files import check_fits, open_model, weights_bytes
-from .model_kind import ModelKind, model_kind
-from .remote_code import remote_code_allowed
 
 VisionFactory = Callable[[], ModelEngine]
 
@@ -140,6 +139,6 @@ class RoutingEngine:
 
 
 def _require_mlx_vlm(path: str) -> None:
-    from .vlm_engine import require_mlx_vlm
+    from bridge.engines.vision.engine import require_mlx_vlm
 
     require_mlx_vlm(path)

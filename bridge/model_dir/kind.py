@@ -2,7 +2,7 @@
 
 No MLX here, and no import of mlx-vlm: this runs on every ``load`` and must
 work (and say something useful) when mlx-vlm is not installed. The config is
-read by :func:`bridge.model_files.read_config`, with its size and nesting
+read by :func:`bridge.model_dir.files.read_config`, with its size and nesting
 bounds.
 
 A model is a vision model when its config describes a vision encoder: a

@@ -39,10 +39,9 @@ from pathlib import Path
 from types import CodeType, TracebackType
 from typing import Any
 
+from bridge.model_dir.untrusted import is_inside
 from protocol.errors import Forbidden, LoadFailed, RequestId
 from protocol.requests import Load
-
-from .untrusted_files import is_inside
 
 TRUST_FLAG = "--trust-remote-code"
 MODULES_CACHE_DIR = "transformers_modules"

@@ -54,10 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bridge.model_dir.untrusted import is_inside
 from protocol.errors import BadImage, Forbidden, ImageTooLarge, RequestId
 from protocol.requests import ChatMessage, ImagePart
-
-from .untrusted_files import is_inside
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -42,10 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge.engines.prompt_tokens import encode_prompt
 from protocol.errors import InvalidRequest, RequestId
 from protocol.replies import AttentionFacts
-
-from .prompt_tokens import encode_prompt
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 DIR_PREFIX = "mlx-bridge-inspect-"

@@ -30,9 +30,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeGuard
 
+from bridge.model_dir.safetensors_header import DTYPE_BYTES, FLOAT_DTYPES, Tensor, Weights
 from protocol.errors import LoadFailed
-
-from .safetensors_header import DTYPE_BYTES, FLOAT_DTYPES, Tensor, Weights
 
 # Sections of a config that describe the text model (besides the top level).
 TEXT_SECTIONS = ("text_config", "llm_config", "language_config")

@@ -16,6 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from bridge.engines.engine_protocol import Engine
+from bridge.loop.jobs import Job
+from bridge.loop.scheduler import SerialScheduler, info_reply
+from bridge.loop.stdio import LineWriter, Oversized
 from protocol.codec import decode_json, decode_request_checked
 from protocol.errors import Internal, LineTooLong, RequestId, WireError
 from protocol.replies import ErrorReply, HelloReply, Pong
@@ -34,11 +38,6 @@ from protocol.requests import (
     Unload,
     field_list,
 )
-
-from .engine import Engine
-from .jobs import Job
-from .scheduler import SerialScheduler, info_reply
-from .stdio import LineWriter, Oversized
 
 log = logging.getLogger("bridge.router")
 

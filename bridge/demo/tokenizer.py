@@ -1,6 +1,6 @@
 """The demo fixtures' tokenizer: a byte-level BPE trained offline on standard-library sources.
 
-:mod:`bridge.demo_model` and :mod:`bridge.demo_vlm` train one each, with their
+:mod:`bridge.demo_model` and :mod:`bridge.demo.vlm` train one each, with their
 own vocabulary size, special tokens and list of source modules. The training
 text is this interpreter's standard library, so the same Python gives the
 same tokenizer. ``quiet_token_ids`` picks the ids whose embedding rows a

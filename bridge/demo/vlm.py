@@ -22,19 +22,19 @@ writes one, in the style of :mod:`bridge.demo_model`:
 - ``.mlx_bridge_fixture``: a stamp, written last, naming the builder, its
   version and the seed.
 
-The weights are shaped like the text fixture's (:mod:`bridge.demo_weights`), so
+The weights are shaped like the text fixture's (:mod:`bridge.demo.weights`), so
 greedy decoding streams plain ASCII text and practically never emits EOS: the
 embedding matrix has std 1 (tied, so it is also the output head), the output
 projections are scaled up, and the rows of the special tokens and of
 non-printable byte tokens are shrunk 100-fold.
 
 A build goes into a temporary sibling directory that is renamed into place
-(see :mod:`bridge.demo_files`); ``ensure`` builds only when the stamp is
+(see :mod:`bridge.demo.files`); ``ensure`` builds only when the stamp is
 missing or stale, and ``build`` refuses to replace a directory without one.
 
 Usage::
 
-    python -m bridge.demo_vlm OUT_DIR [--seed N] [--force]
+    python -m bridge.demo.vlm OUT_DIR [--seed N] [--force]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from . import demo_files
-from .demo_tokenizer import (
+from bridge.demo import files as demo_files
+from bridge.demo.tokenizer import (
     CHATML_SPECIALS,
     EOS_TOKEN,
     PAD_TOKEN,
@@ -57,7 +57,7 @@ from .demo_tokenizer import (
     tokenizer_config,
     train_tokenizer,
 )
-from .demo_weights import padded_vocab_size, write_weights
+from bridge.demo.weights import padded_vocab_size, write_weights
 
 if TYPE_CHECKING:
     from mlx.nn import Module
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: build (or reuse) the model and write its path to stdout."""
     return demo_files.command_line(
         argv,
-        prog="python -m bridge.demo_vlm",
+        prog="python -m bridge.demo.vlm",
         description="Build a tiny offline random-weight qwen2_vl model for mlx-vlm.",
         build=build,
         ensure=ensure,

@@ -2,7 +2,7 @@
 
 Random weights give near-uniform logits, and greedy decoding over near-ties
 flips on tiny floating-point differences. :mod:`bridge.demo_model` and
-:mod:`bridge.demo_vlm` therefore shape their weights alike: the embedding
+:mod:`bridge.demo.vlm` therefore shape their weights alike: the embedding
 matrix has std 1 (tied, so it is also the output head), the final norm
 multiplies the logits by 3, the text model's attention and MLP output
 projections are scaled up so that the layers, not the input token, pick the

@@ -14,18 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from bridge.engines.engine_protocol import Engine
+from bridge.loop.jobs import Job
+from bridge.loop.router import Router
+from bridge.loop.scheduler import SerialScheduler
+from bridge.loop.signals import StopSignals
+from bridge.loop.stdio import LineWriter, claim_stdout, read_lines
+from bridge.versions import package_versions
 from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
 from protocol.errors import RequestId
 from protocol.replies import Bye, ErrorReply, HelloReply, Reply
 from protocol.requests import COMMANDS, MAX_LOGPROBS, SAMPLING_OPTIONS, Load, Quit
-
-from .engine import Engine
-from .jobs import Job
-from .router import Router
-from .scheduler import SerialScheduler
-from .signals import StopSignals
-from .stdio import LineWriter, claim_stdout, read_lines
-from .versions import package_versions
 
 log = logging.getLogger("bridge")
 

@@ -5,7 +5,7 @@ thread (which runs it). ``finish`` is idempotent: the first terminal line
 wins, later ones are dropped, and ``emit`` after the end writes nothing.
 
 ``write``, when given, is the same output as ``send`` for lines that are
-already encoded: the token fast path (:func:`bridge.generation.run_generation`
+already encoded: the token fast path (:func:`bridge.loop.generation.run_generation`
 encodes plain token lines with :class:`protocol.codec.TokenLines`).
 """
 
@@ -27,7 +27,7 @@ log = logging.getLogger("bridge.jobs")
 QueuedRequest = Load | Unload | Generate | Chat | Tokenize | Detokenize | Inspect | Info
 # A sender may return False: the reply could not be encoded, and an
 # ``internal`` error line for the request was written in its place (see
-# ``bridge.stdio.LineWriter.send``). Anything else means it was written.
+# ``bridge.loop.stdio.LineWriter.send``). Anything else means it was written.
 Send = Callable[[Reply], object]
 Write = Callable[[bytes], None]
 

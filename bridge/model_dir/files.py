@@ -15,8 +15,8 @@ checks it before mlx-lm, mlx-vlm or transformers open anything in it:
 - the files loaders read whole are bounded: configs, chat templates and
   code by :data:`MAX_CONFIG_BYTES`, vocabularies by :data:`MAX_DATA_BYTES`;
   ``config.json`` is read with a nesting bound, and every ``*.safetensors``
-  header is read and checked (:mod:`bridge.safetensors_header`);
-- ``config.json`` is checked against the weights (:mod:`bridge.model_config`);
+  header is read and checked (:mod:`bridge.model_dir.safetensors_header`);
+- ``config.json`` is checked against the weights (:mod:`bridge.model_dir.config`);
 - the same holds for ``adapter_path`` (``adapter_config.json`` and
   ``adapters.safetensors``).
 
@@ -35,11 +35,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.model_dir.config import check_config, kv_cache_bytes, text_figures
+from bridge.model_dir.safetensors_header import Weights, read_weights
+from bridge.model_dir.untrusted import check_regular, parse_json, read_bounded, size_text
 from protocol.errors import Forbidden, InvalidRequest, LoadFailed, ModelNotFound, OutOfMemory
-
-from .model_config import check_config, kv_cache_bytes, text_figures
-from .safetensors_header import Weights, read_weights
-from .untrusted_files import check_regular, parse_json, read_bounded, size_text
 
 # A model is refused when its weights and KV cache take more than this share
 # of the memory that is available. The rest is left for activations.

@@ -16,13 +16,12 @@ import threading
 import time
 from collections import deque
 
+from bridge.engines.engine_protocol import Engine
+from bridge.loop.generation import run_generation
+from bridge.loop.jobs import Job
 from protocol.errors import Busy, DuplicateId, Internal, NoModel, RequestId, ShuttingDown, WireError
 from protocol.replies import InfoReply, Inspected, Loaded, TextReply, TokensReply, Unloaded
 from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, Tokenize, Unload
-
-from .engine import Engine
-from .generation import run_generation
-from .jobs import Job
 
 log = logging.getLogger("bridge.scheduler")
 

@@ -15,9 +15,8 @@ import logging
 import sys
 import threading
 
+from bridge.versions import package_versions
 from protocol.errors import MlxMissing, RequestId
-
-from .versions import package_versions
 
 log = logging.getLogger("bridge.engine")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cli import positive_int
-from .engine import ModelEngine
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, ImagePolicy
-from .routing_engine import RoutingEngine
+from bridge.arguments import positive_int
+from bridge.engines.engine_protocol import ModelEngine
+from bridge.engines.routing import RoutingEngine
+from bridge.engines.vision.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, ImagePolicy
 
 
 def add_vision_options(p: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def routing_engine(text: ModelEngine, args: argparse.Namespace) -> RoutingEngine
     policy = image_policy(args)
 
     def vision() -> ModelEngine:
-        from .vlm_engine import MlxVlmEngine
+        from bridge.engines.vision.engine import MlxVlmEngine
 
         return MlxVlmEngine(
             prefill_step_size=args.prefill_step_size,

@@ -1,6 +1,6 @@
 """The seam between the request loop and whatever runs the model.
 
-``Engine`` is satisfied by the real mlx-lm engine (:mod:`bridge.mlx_engine`)
+``Engine`` is satisfied by the real mlx-lm engine (:mod:`bridge.engines.text.engine`)
 and by the scripted engine of :mod:`mock_worker`. The scheduler calls every
 method except :meth:`Engine.facts` and :meth:`Engine.memory` on its one
 dedicated thread; those two are read from the stdin thread and must be cheap
@@ -17,7 +17,7 @@ from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Sampling, Tokenize
 
 if TYPE_CHECKING:
-    from .model_files import ModelFiles
+    from bridge.model_dir.files import ModelFiles
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,7 +77,7 @@ class Engine(Protocol):
 
     def inspect(self, request: Inspect) -> AttentionFacts:
         """Write the prompt's attention queries and keys to files (see
-        :mod:`bridge.inspect_attention`); raises a WireError when it cannot."""
+        :mod:`bridge.engines.text.inspect_attention`); raises a WireError when it cannot."""
 
     def facts(self) -> ModelFacts | None:
         """The loaded model, or None. Any thread."""
@@ -91,7 +91,7 @@ class Engine(Protocol):
 
 class ModelEngine(Engine, Protocol):
     """An engine that loads from a model directory already checked by
-    :func:`bridge.model_files.open_model` (the routing engine checks once,
+    :func:`bridge.model_dir.files.open_model` (the routing engine checks once,
     with ``--model-root``, and hands the result over)."""
 
     def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:

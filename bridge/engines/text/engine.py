@@ -13,6 +13,23 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
+from bridge.engines.detokenizer import for_tokenizer
+from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.engines.mlx.facts import model_facts
+from bridge.engines.mlx.install import mlx_problem, require_mlx
+from bridge.engines.mlx.memory import available_memory, clear_streams, free_cache, memory_stats
+from bridge.engines.mlx.sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
+from bridge.engines.prompt_tokens import encode_prompt
+from bridge.engines.text.prompt_cache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    PromptCacheStore,
+)
+from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
+from bridge.loop.generation import Outcome
+from bridge.model_dir.files import ModelFiles, check_fits, open_model
+from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
 from protocol.fields import JsonValue
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
@@ -28,20 +45,6 @@ from protocol.requests import (
     TextPart,
     Tokenize,
 )
-
-from .context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
-from .detokenizer import for_tokenizer
-from .engine import Prepared, ShouldAbort, Step
-from .generation import Outcome
-from .mlx_facts import model_facts
-from .mlx_install import mlx_problem, require_mlx
-from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
-from .mlx_prompt_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, PromptCacheStore
-from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
-from .model_files import ModelFiles, check_fits, open_model
-from .prompt_tokens import encode_prompt
-from .remote_code import CodeGuard, remote_code_allowed
-from .tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -301,7 +304,7 @@ class MlxLmEngine:
 
     def inspect(self, request: Inspect) -> AttentionFacts:
         # here, not at the top: tempfile and shutil are not needed before the first hello
-        from .inspect_attention import (
+        from bridge.engines.text.inspect_attention import (
             InspectError,
             capture_attention,
             requested_directory,

@@ -1,6 +1,6 @@
 """Write a demo fixture's directory: its JSON files, its stamp, and the atomic install.
 
-:mod:`bridge.demo_model` and :mod:`bridge.demo_vlm` build their models through
+:mod:`bridge.demo_model` and :mod:`bridge.demo.vlm` build their models through
 ``build``: the files go into a temporary sibling directory, the stamp
 (``STAMP_NAME``, the builder's own JSON) is written last, and the directory is
 renamed into place. So an interrupted or concurrent build never leaves a

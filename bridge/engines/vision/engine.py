@@ -1,10 +1,10 @@
 """The vision engine: mlx-vlm models, run on the scheduler's one engine thread.
 
-It satisfies :class:`bridge.engine.Engine` like the mlx-lm engine does, and
-streams with the same :class:`~bridge.engine.Step` semantics, so that
-``bridge.generation`` (stop strings, cancel, timings, ``done``) is shared:
+It satisfies :class:`bridge.engines.engine_protocol.Engine` like the mlx-lm engine does, and
+streams with the same :class:`~bridge.engines.engine_protocol.Step` semantics, so that
+``bridge.loop.generation`` (stop strings, cancel, timings, ``done``) is shared:
 
-- ``prepare`` decodes the request's images (:mod:`bridge.images`), renders the
+- ``prepare`` decodes the request's images (:mod:`bridge.engines.vision.images`), renders the
   messages with mlx-vlm's ``apply_chat_template`` (given the image count) and
   runs mlx-vlm's ``prepare_inputs``: the prompt's token ids (each image
   expanded to its image tokens, which count as prompt tokens) plus the pixel
@@ -32,6 +32,17 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits
+from bridge.engines.detokenizer import for_tokenizer
+from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.engines.mlx.facts import model_facts
+from bridge.engines.mlx.memory import available_memory, clear_streams, free_cache, memory_stats
+from bridge.engines.mlx.sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
+from bridge.engines.prompt_tokens import encode_prompt
+from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
+from bridge.engines.vision.images import ImagePolicy, image_parts, load_images
+from bridge.model_dir.files import ModelFiles, check_fits, open_model
+from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
 from protocol.errors import BadImage, InvalidRequest, LoadFailed, NoModel
 from protocol.fields import JsonValue
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, VisionDetails
@@ -48,18 +59,6 @@ from protocol.requests import (
     TextPart,
     Tokenize,
 )
-
-from .context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits
-from .detokenizer import for_tokenizer
-from .engine import Prepared, ShouldAbort, Step
-from .images import ImagePolicy, image_parts, load_images
-from .mlx_engine import DEFAULT_PREFILL_STEP
-from .mlx_facts import model_facts
-from .mlx_memory import available_memory, clear_streams, free_cache, memory_stats
-from .mlx_sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
-from .model_files import ModelFiles, check_fits, open_model
-from .prompt_tokens import encode_prompt
-from .remote_code import CodeGuard, remote_code_allowed
 
 if TYPE_CHECKING:
     import mlx.nn as nn
