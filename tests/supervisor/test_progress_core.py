@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -156,11 +157,12 @@ def test_a_progress_argument_that_is_not_a_bool_is_refused(value: object) -> Non
     if value is None:  # None is JSON null: the parser's default
         commands.generate_fields("x", {}, progress=value)  # type: ignore[arg-type]
         return
-    for build in (
+    builds: list[Callable[[], object]] = [
         lambda: commands.generate_fields("x", {}, progress=value),  # type: ignore[arg-type]
         lambda: commands.chat_fields([{"role": "user", "content": "x"}], {}, progress=value),  # type: ignore[arg-type]
         lambda: commands.load_fields("/m", progress=value),  # type: ignore[arg-type]
-    ):
+    ]
+    for build in builds:
         with pytest.raises(InvalidArgument, match=r"\w+: progress: must be true or false"):
             build()
 
