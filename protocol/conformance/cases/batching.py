@@ -22,7 +22,7 @@ from .rules import PACED, check_cancelled, check_finished, done_of, long_generat
 
 __all__ = ["GROUP"]
 
-STREAM_TOKENS: Final = 24
+STREAM_TOKENS: Final = 8
 """Tokens each of the interleaved streams asks for."""
 
 
