@@ -5,7 +5,8 @@ request's ``id``. The legacy go-mlx keys are part of the same shapes
 (``ok``, ``token``/``token_id``, ``done``, ``error``), so one encoder serves
 both dialects: a legacy reply is an addressed reply without ``id``.
 
-Terminal lines end a request: every type except ``token``.
+Terminal lines end a request: every type except ``token`` and ``progress``
+(``NON_TERMINAL_TYPES``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from .errors import RequestId, WireError
 from .fields import JsonValue
 
 FINISH_REASONS = ("stop", "length", "stop_sequence", "cancelled")
+# The reply types that do not end a request: a stream's tokens, and the
+# progress events of a request that asked for them.
+NON_TERMINAL_TYPES = frozenset({"token", "progress"})
+# ``ProgressEvent.stage`` values, and the steps of a ``load``'s progress.
+PROGRESS_STAGES = ("prefill", "load")
+LOAD_STEPS = ("checking", "weights", "tokenizer", "ready")
 
 Wire = dict[str, JsonValue]
 
@@ -30,6 +37,11 @@ def _envelope(kind: str, request_id: RequestId | None) -> Wire:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply:
+    """``limits`` maps names to integers: ``max_line_bytes`` and the other
+    request bounds, and from workers that batch ``max_concurrency``
+    (sequences decoded together) and ``prefill_chunk_tokens`` (prompt tokens
+    per prefill chunk); a host reads the keys it knows."""
+
     id: RequestId | None = None
     protocol_version: int
     versions: Mapping[str, str]
@@ -190,6 +202,38 @@ class TokenEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProgressEvent:
+    """How far a request that asked for it (``progress: true``) has come.
+
+    Not terminal: the request's own reply still ends it. ``stage`` is
+    ``prefill`` (``done`` of ``total`` prompt tokens prefilled, cached tokens
+    not counted) or ``load`` (``step`` is one of ``LOAD_STEPS``; ``done`` of
+    ``total`` counts ``unit``: ``bytes`` or ``files``). ``done``, ``total``
+    and ``unit`` are None where they are not known.
+    """
+
+    id: RequestId
+    stage: str
+    done: int | None = None
+    total: int | None = None
+    unit: str | None = None
+    step: str | None = None
+
+    def to_wire(self) -> Wire:
+        out = _envelope("progress", self.id)
+        out["stage"] = self.stage
+        if self.step is not None:
+            out["step"] = self.step
+        if self.done is not None:
+            out["done"] = self.done
+        if self.total is not None:
+            out["total"] = self.total
+        if self.unit is not None:
+            out["unit"] = self.unit
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ToolCall:
     """One tool call parsed out of a chat answer (OpenAI's shape on the wire).
 
@@ -289,18 +333,57 @@ class MemoryStats:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BatchStats:
+    """The decode batch: sequences ``running`` (decoding) and ``prefilling``
+    (admitted, prompt not yet done), requests ``queued`` for admission, the
+    cap ``max_concurrency``, the KV-cache bytes reserved by admitted
+    sequences against ``kv_budget_bytes`` (None: no budget), decode
+    ``steps`` so far, the last one's time, and the tokens per second of all
+    sequences together."""
+
+    running: int
+    prefilling: int
+    queued: int
+    max_concurrency: int
+    kv_reserved_bytes: int
+    kv_budget_bytes: int | None
+    steps: int
+    last_step_ms: float
+    tokens_per_s: float
+
+    def to_wire(self) -> Wire:
+        return {
+            "running": self.running,
+            "prefilling": self.prefilling,
+            "queued": self.queued,
+            "max_concurrency": self.max_concurrency,
+            "kv_reserved_bytes": self.kv_reserved_bytes,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "steps": self.steps,
+            "last_step_ms": round(self.last_step_ms, 3),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InfoReply:
+    """``batch`` is written only when set (workers that batch)."""
+
     id: RequestId | None = None
     model: ModelFacts
     memory: MemoryStats
+    batch: BatchStats | None = None
 
     def to_wire(self) -> Wire:
-        return (
+        out = (
             _envelope("info", self.id)
             | {"ok": True}
             | self.model.to_wire()
             | {"memory": self.memory.to_wire()}
         )
+        if self.batch is not None:
+            out["batch"] = self.batch.to_wire()
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -393,6 +476,7 @@ Reply = (
     | Loaded
     | Unloaded
     | TokenEvent
+    | ProgressEvent
     | Done
     | InfoReply
     | TokensReply

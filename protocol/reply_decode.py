@@ -26,6 +26,7 @@ from .errors import InvalidJson, InvalidRequest, RequestId
 from .fields import Fields, JsonValue, describe
 from .replies import (
     AttentionFacts,
+    BatchStats,
     Bye,
     Done,
     ErrorReply,
@@ -36,6 +37,7 @@ from .replies import (
     MemoryStats,
     ModelFacts,
     Pong,
+    ProgressEvent,
     PromptCacheStats,
     Reply,
     TextReply,
@@ -195,6 +197,19 @@ def _token(f: Fields, rid: RequestId | None) -> TokenEvent:
     )
 
 
+def _progress(f: Fields, rid: RequestId | None) -> ProgressEvent:
+    if rid is None:
+        raise f.fail("id", "required (only an addressed request is sent progress)")
+    return ProgressEvent(
+        id=rid,
+        stage=f.required_str("stage", nonempty=True),
+        step=f.str_("step"),
+        done=f.int_("done", minimum=0),
+        total=f.int_("total", minimum=0),
+        unit=f.str_("unit"),
+    )
+
+
 def _tool_calls(f: Fields) -> tuple[ToolCall, ...] | None:
     items = f.objects("tool_calls")
     if items is None:
@@ -246,7 +261,32 @@ def _info(f: Fields, rid: RequestId | None) -> InfoReply:
             max_bytes=_int(cache, "max_bytes"),
         ),
     )
-    return InfoReply(id=rid, model=_facts(f), memory=memory)
+    return InfoReply(id=rid, model=_facts(f), memory=memory, batch=_batch(f.child("batch")))
+
+
+def _batch(b: Fields | None) -> BatchStats | None:
+    if b is None:
+        return None
+    return BatchStats(
+        running=_count(b, "running"),
+        prefilling=_count(b, "prefilling"),
+        queued=_count(b, "queued"),
+        max_concurrency=_count(b, "max_concurrency"),
+        kv_reserved_bytes=_count(b, "kv_reserved_bytes"),
+        kv_budget_bytes=b.int_("kv_budget_bytes", minimum=0),
+        steps=_count(b, "steps"),
+        last_step_ms=b.number("last_step_ms", 0.0, minimum=0.0),
+        tokens_per_s=b.number("tokens_per_s", 0.0, minimum=0.0),
+    )
+
+
+def _count(f: Fields, key: str) -> int:
+    """A required integer ≥ 0."""
+    if not f.has(key):
+        raise f.fail(key, "required")
+    value = f.int_(key, minimum=0)
+    assert value is not None
+    return value
 
 
 def _inspected(f: Fields, rid: RequestId | None) -> Inspected:
@@ -272,6 +312,7 @@ _PARSERS: dict[str, Callable[[Fields, RequestId | None], Reply]] = {
     "loaded": _loaded,
     "unloaded": lambda f, rid: Unloaded(id=rid, was_loaded=_bool(f, "was_loaded")),
     "token": _token,
+    "progress": _progress,
     "done": _done,
     "info": _info,
     "tokens": lambda f, rid: TokensReply(id=rid, tokens=f.int_list("tokens", required=True)),

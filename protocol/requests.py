@@ -17,6 +17,9 @@ cannot represent.
 
 A request without ``id`` belongs to the legacy (go-mlx) dialect; with an
 ``id`` (string or integer) every line that answers it echoes the id.
+``progress: true`` (``generate``, ``chat``, ``load``) needs an id: go-mlx
+reads every line of a stream up to ``done`` as a token, so a legacy request
+never gets lines it does not know.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ class Load:
     context_len: int | None = None
     trust_remote_code: bool = False
     force: bool = False
+    # Ask for ``progress`` events while loading (addressed dialect only).
+    progress: bool = False
     # Sent by go-mlx; accepted and ignored (MLX has no partial offload or slots here).
     gpu_layers: int | None = None
     parallel_slots: int | None = None
@@ -125,6 +130,8 @@ class Generate:
     sampling: Sampling = field(default_factory=Sampling)
     # Names the prompt-cache slot to reuse and refill; None is the default slot.
     cache_key: str | None = None
+    # Ask for ``progress`` events during prefill (addressed dialect only).
+    progress: bool = False
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -139,6 +146,8 @@ class Chat:
     tools: tuple[Mapping[str, JsonValue], ...] | None = None
     # Names the prompt-cache slot to reuse and refill; None is the default slot.
     cache_key: str | None = None
+    # Ask for ``progress`` events during prefill (addressed dialect only).
+    progress: bool = False
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -400,6 +409,18 @@ def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
     return tuple(f.list_("tools") or ())  # type: ignore[arg-type]
 
 
+def _progress(f: Fields, rid: RequestId | None) -> bool:
+    """``progress``: a boolean, and ``true`` only on an addressed request."""
+    progress = f.bool_("progress", False)
+    if progress and rid is None:
+        raise f.fail(
+            "progress",
+            "needs an id (a request without one is read to its end as tokens, "
+            "so it cannot be sent progress lines)",
+        )
+    return progress
+
+
 def _load(f: Fields, rid: RequestId | None) -> Load:
     return Load(
         id=rid,
@@ -408,6 +429,7 @@ def _load(f: Fields, rid: RequestId | None) -> Load:
         context_len=f.int_("context_len", minimum=1),
         trust_remote_code=f.bool_("trust_remote_code", False),
         force=f.bool_("force", False),
+        progress=_progress(f, rid),
         gpu_layers=f.int_("gpu_layers"),
         parallel_slots=f.int_("parallel_slots"),
         mock=f.object_("mock"),  # type: ignore[arg-type]
@@ -420,6 +442,7 @@ def _generate(f: Fields, rid: RequestId | None) -> Generate:
         prompt=f.required_str("prompt"),
         sampling=_sampling(f),
         cache_key=f.str_("cache_key", nonempty=True),
+        progress=_progress(f, rid),
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
@@ -436,6 +459,7 @@ def _chat(f: Fields, rid: RequestId | None) -> Chat:
         chat_template_kwargs=kwargs,  # type: ignore[arg-type]
         tools=_tools(f),
         cache_key=f.str_("cache_key", nonempty=True),
+        progress=_progress(f, rid),
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
@@ -502,11 +526,12 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
             "force",
             "gpu_layers",
             "parallel_slots",
+            "progress",
             "mock",
         )
     ),
     "unload": frozenset(_COMMON),
-    "generate": frozenset((*_COMMON, "prompt", *SAMPLING_OPTIONS, "cache_key", "mock")),
+    "generate": frozenset((*_COMMON, "prompt", *SAMPLING_OPTIONS, "cache_key", "progress", "mock")),
     "chat": frozenset(
         (
             *_COMMON,
@@ -515,6 +540,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
             "chat_template_kwargs",
             "tools",
             "cache_key",
+            "progress",
             "mock",
         )
     ),

@@ -14,6 +14,7 @@ from protocol.replies import (
     Loaded,
     MemoryStats,
     ModelFacts,
+    ProgressEvent,
     TopLogprob,
 )
 
@@ -30,7 +31,7 @@ from .errors import (
     WorkerTimeout,
 )
 from .restart import RestartPolicy
-from .results import StreamResult, Timings, Token, Usage, WorkerStats
+from .results import StreamItem, StreamResult, Timings, Token, Usage, WorkerStats
 from .settings import USE_DEFAULT, module_command
 from .stream import Stream
 from .worker import Worker
@@ -47,10 +48,12 @@ __all__ = [
     "MemoryLimitExceeded",
     "MemoryStats",
     "ModelFacts",
+    "ProgressEvent",
     "ProtocolError",
     "RequestError",
     "RestartPolicy",
     "Stream",
+    "StreamItem",
     "StreamResult",
     "SupervisorError",
     "Timings",

@@ -10,15 +10,15 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from protocol.fields import JsonValue
-from protocol.replies import Done, Reply
+from protocol.replies import Done, ProgressEvent, Reply
 
 from . import arguments
 from .errors import SupervisorError
-from .lifecycle import ReplyBox
-from .results import StreamResult, Token
+from .lifecycle import ProgressCallback, ReplyBox
+from .results import StreamItem, StreamResult, Token
 
 if TYPE_CHECKING:
     from .async_process import AsyncChild
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncReplySink", "AsyncStream"]
 
 log = logging.getLogger("supervisor")
+
+T = TypeVar("T", bound=StreamItem)
 
 
 async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
@@ -43,19 +45,29 @@ async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
 
 
 class AsyncReplySink(ReplyBox[asyncio.Event]):
-    """Waits for the single reply of a non-streaming request."""
+    """Waits for the single reply of a non-streaming request; see
+    :class:`~supervisor.stream.ReplySink` for progress events."""
 
     __slots__ = ()
 
-    def __init__(self) -> None:
-        super().__init__(asyncio.Event())
+    def __init__(self, on_progress: ProgressCallback | None = None) -> None:
+        super().__init__(asyncio.Event(), on_progress)
 
     async def wait(self, timeout: float | None) -> bool:
-        return await _wait_event(self._event, timeout)
+        if self._on_progress is None:
+            return await _wait_event(self._event, timeout)
+        while await _wait_event(self._event, timeout):
+            self._event.clear()
+            self.deliver_progress()
+            if self.ended:
+                self._event.set()
+                return True
+        return False
 
 
-class AsyncStream:
-    """The tokens of one ``generate`` or ``chat``; see :class:`~supervisor.stream.Stream`.
+class AsyncStream(Generic[T]):
+    """The tokens of one ``generate`` or ``chat``; see :class:`~supervisor.stream.Stream`
+    (an ``AsyncStream[Token]``, or ``AsyncStream[Token | ProgressEvent]`` with ``progress=True``).
 
     The request is sent when the stream is entered (``async with``) or first
     read. ``async for`` it (from one task); ``async with`` cancels it on an
@@ -74,7 +86,7 @@ class AsyncStream:
         self._child: AsyncChild | None = None
         self.request_id = 0  # set once the request is sent
         self._timeout = timeout
-        self._inbox: list[Token] = []
+        self._inbox: list[T] = []
         self._ended = asyncio.Event()
         self._done: Done | None = None
         self._error: SupervisorError | None = None
@@ -83,12 +95,16 @@ class AsyncStream:
 
     # -- Sink: called by the stdout task ------------------------------------------------
 
-    def tokens(self, batch: list[Token]) -> None:
+    def tokens(self, batch: list[StreamItem]) -> None:
+        items = cast("list[T]", batch)  # progress events come only to a stream that asked
         if self._inbox:
-            self._inbox.extend(batch)
+            self._inbox.extend(items)
         else:
-            self._inbox = batch
+            self._inbox = items
         self._wake()
+
+    def progress(self, event: ProgressEvent) -> None:
+        self.tokens([event])
 
     def finish(self, reply: Reply) -> None:
         assert isinstance(reply, Done)
@@ -108,15 +124,15 @@ class AsyncStream:
 
     # -- reading ----------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[Token]:
+    def __aiter__(self) -> AsyncIterator[T]:
         # ``async for`` runs the async generator directly: its C-level
         # ``__anext__`` costs about half of a coroutine method per token.
         return self._tokens
 
-    def __anext__(self) -> Awaitable[Token]:
+    def __anext__(self) -> Awaitable[T]:
         return self._tokens.__anext__()
 
-    async def _iterate(self) -> AsyncGenerator[Token, None]:
+    async def _iterate(self) -> AsyncGenerator[T, None]:
         child = await self._send()
         while batch := await self._take(child):
             for token in batch:
@@ -136,7 +152,7 @@ class AsyncStream:
         await child.drain()
         return child
 
-    async def _take(self, child: AsyncChild) -> list[Token]:
+    async def _take(self, child: AsyncChild) -> list[T]:
         """The next batch of tokens; [] at the end; raises the stream's error."""
         while not self._inbox:
             if self._ended.is_set():
@@ -186,8 +202,8 @@ class AsyncStream:
         return StreamResult.of(self._done)
 
     async def text(self) -> str:
-        """Read the remaining tokens and return their text."""
-        return "".join([token.text async for token in self])
+        """Read the remaining tokens and return their text (progress events are skipped)."""
+        return "".join([item.text async for item in self if isinstance(item, Token)])
 
     # -- cancelling ---------------------------------------------------------------------
 
@@ -207,7 +223,7 @@ class AsyncStream:
             except RuntimeError:  # it is being iterated by another task right now
                 pass
 
-    async def __aenter__(self) -> AsyncStream:
+    async def __aenter__(self) -> AsyncStream[T]:
         await self._send()
         return self
 

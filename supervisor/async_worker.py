@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 from protocol.errors import RequestId
@@ -29,6 +29,7 @@ from protocol.replies import (
     Loaded,
     ModelFacts,
     Pong,
+    ProgressEvent,
     Reply,
     TextReply,
     TokensReply,
@@ -47,6 +48,7 @@ from .errors import (
     WorkerTimeout,
 )
 from .lifecycle import (
+    ProgressCallback,
     QuitSink,
     State,
     accept_hello,
@@ -60,7 +62,7 @@ from .lifecycle import (
     timed_out_error,
 )
 from .restart import RestartGuard, RestartPolicy
-from .results import WorkerStats
+from .results import Token, WorkerStats
 from .settings import USE_DEFAULT, Settings, Timeout, optional_path, roots_of, worker_command
 
 if TYPE_CHECKING:
@@ -150,9 +152,10 @@ class AsyncSupervision:
         fields: Mapping[str, JsonValue] | None,
         timeout: float | None,
         child: AsyncChild | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> Reply:
         child = child or await self.ready()
-        sink = AsyncReplySink()
+        sink = AsyncReplySink(on_progress)
         rid, line = child.core.open(cmd, fields, sink)
         child.send(line)
         try:
@@ -166,7 +169,7 @@ class AsyncSupervision:
             raise
         return sink.value()
 
-    async def cancel(self, child: AsyncChild, rid: RequestId, sink: AsyncStream) -> None:
+    async def cancel(self, child: AsyncChild, rid: RequestId, sink: AsyncStream[Any]) -> None:
         if not child.core.is_open(rid):
             return
         error = await self._cancel_or_kill(child, rid, sink, None)
@@ -181,7 +184,7 @@ class AsyncSupervision:
         self,
         child: AsyncChild,
         rid: RequestId,
-        sink: AsyncReplySink | AsyncStream,
+        sink: AsyncReplySink | AsyncStream[Any],
         timeout: float,
     ) -> WorkerTimeout:
         error = await self._cancel_or_kill(child, rid, sink, timeout)
@@ -191,7 +194,7 @@ class AsyncSupervision:
         self,
         child: AsyncChild,
         rid: RequestId,
-        sink: AsyncReplySink | AsyncStream,
+        sink: AsyncReplySink | AsyncStream[Any],
         timeout: float | None,
     ) -> WorkerTimeout | None:
         """See :meth:`supervisor.worker.Supervision._cancel_or_kill`."""
@@ -469,22 +472,37 @@ class AsyncWorker:
         context_len: int | None = None,
         trust_remote_code: bool = False,
         force: bool = False,
+        on_progress: ProgressCallback | None = None,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
     ) -> Loaded:
+        """See :meth:`Worker.load <supervisor.worker.Worker.load>`; ``on_progress``
+        (a plain callable, not a coroutine function) runs in the awaiting task."""
+        if on_progress is not None and not callable(on_progress):
+            raise InvalidArgument(
+                f"on_progress: must be a callable or None, got {type(on_progress).__name__}"
+            )
         fields = commands.load_fields(
             path,
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,
+            progress=on_progress is not None,
             extra=extra,
         )
-        return await self._load(fields, self.settings.timeout(timeout))
+        return await self._load(fields, self.settings.timeout(timeout), on_progress)
 
-    async def _load(self, fields: commands.Fields, timeout: float | None) -> Loaded:
-        loaded = expect(await self._sup.call("load", fields, timeout), Loaded)
-        self._sup.model, self._sup.model_fields = loaded.model, fields
+    async def _load(
+        self,
+        fields: commands.Fields,
+        timeout: float | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Loaded:
+        reply = await self._sup.call("load", fields, timeout, on_progress=on_progress)
+        loaded = expect(reply, Loaded)
+        self._sup.model = loaded.model
+        self._sup.model_fields = commands.without_progress(fields)
         return loaded
 
     async def unload(self, *, timeout: Timeout = USE_DEFAULT) -> bool:
@@ -492,20 +510,81 @@ class AsyncWorker:
         self._sup.model, self._sup.model_fields = None, None
         return expect(reply, Unloaded).was_loaded
 
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token]: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token | ProgressEvent]: ...
+
     def generate(
         self,
         prompt: str,
         *,
         cache_key: str | None = None,
+        progress: bool = False,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
-    ) -> AsyncStream:
-        """A stream of the completion of ``prompt``; sent when entered or first read."""
+    ) -> AsyncStream[Any]:
+        """A stream of the completion of ``prompt``; sent when entered or first
+        read. ``progress`` as for :meth:`Worker.generate <supervisor.worker.Worker.generate>`."""
         fields = commands.generate_fields(
-            prompt, commands.sampling_fields(sampling), cache_key=cache_key, extra=extra
+            prompt,
+            commands.sampling_fields(sampling),
+            cache_key=cache_key,
+            progress=progress,
+            extra=extra,
         )
-        return AsyncStream(self._sup, "generate", fields, self.settings.timeout(timeout))
+        stream: AsyncStream[Any] = AsyncStream(
+            self._sup, "generate", fields, self.settings.timeout(timeout)
+        )
+        return stream
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token]: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token | ProgressEvent]: ...
 
     def chat(
         self,
@@ -514,10 +593,11 @@ class AsyncWorker:
         chat_template_kwargs: Mapping[str, object] | None = None,
         tools: Sequence[Mapping[str, object]] | None = None,
         cache_key: str | None = None,
+        progress: bool = False,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
-    ) -> AsyncStream:
+    ) -> AsyncStream[Any]:
         """A stream of the answer to ``messages``; sent when entered or first read."""
         fields = commands.chat_fields(
             messages,
@@ -525,9 +605,13 @@ class AsyncWorker:
             chat_template_kwargs=chat_template_kwargs,
             tools=tools,
             cache_key=cache_key,
+            progress=progress,
             extra=extra,
         )
-        return AsyncStream(self._sup, "chat", fields, self.settings.timeout(timeout))
+        stream: AsyncStream[Any] = AsyncStream(
+            self._sup, "chat", fields, self.settings.timeout(timeout)
+        )
+        return stream
 
     async def info(self, *, timeout: Timeout = USE_DEFAULT) -> InfoReply:
         reply = await self._sup.call("info", None, self.settings.timeout(timeout))

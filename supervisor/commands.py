@@ -98,6 +98,7 @@ def load_fields(
     context_len: int | None = None,
     trust_remote_code: bool = False,
     force: bool = False,
+    progress: bool = False,
     extra: Extra | None = None,
 ) -> Fields:
     fields: dict[str, object] = {"path": arguments.path("path", path)}
@@ -109,7 +110,19 @@ def load_fields(
         fields["trust_remote_code"] = trust_remote_code
     if force is not False:
         fields["force"] = force
+    _progress(fields, progress)
     return checked("load", _merge(fields, extra))
+
+
+def without_progress(fields: Fields) -> Fields:
+    """``fields`` less ``progress``: what a reload after a restart sends."""
+    return {key: value for key, value in fields.items() if key != "progress"}
+
+
+def _progress(fields: dict[str, object], progress: object) -> None:
+    """``progress`` goes to the parser unless it is False (the default)."""
+    if progress is not False:
+        fields["progress"] = progress
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -156,11 +169,13 @@ def generate_fields(
     sampling: Mapping[str, object],
     *,
     cache_key: str | None = None,
+    progress: bool = False,
     extra: Extra | None = None,
 ) -> Fields:
     fields: dict[str, object] = {"prompt": prompt, **sampling}
     if cache_key is not None:
         fields["cache_key"] = cache_key
+    _progress(fields, progress)
     return checked("generate", _merge(fields, extra))
 
 
@@ -171,6 +186,7 @@ def chat_fields(
     chat_template_kwargs: Mapping[str, object] | None = None,
     tools: Sequence[Mapping[str, object]] | None = None,
     cache_key: str | None = None,
+    progress: bool = False,
     extra: Extra | None = None,
 ) -> Fields:
     fields: dict[str, object] = {"messages": messages, **sampling}
@@ -180,6 +196,7 @@ def chat_fields(
         fields["tools"] = tools
     if cache_key is not None:
         fields["cache_key"] = cache_key
+    _progress(fields, progress)
     return checked("chat", _merge(fields, extra))
 
 

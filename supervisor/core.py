@@ -3,7 +3,10 @@
 ``WorkerCore`` allocates request ids, encodes request lines, and routes the
 worker's output to one ``Sink`` per request: raw chunks go in through
 :meth:`WorkerCore.feed` (from whatever thread or task reads stdout), and each
-sink gets its token batches and then exactly one end, a reply or an error.
+sink gets its token batches (with the ``progress`` events of a stream that
+asked for them, in order) and then exactly one end, a reply or an error; a
+non-streaming request that asked for progress (``load``) gets its events
+through :meth:`Sink.progress`.
 It does no I/O; the lines it wants written back (cancels) are returned.
 
 The supervisor always speaks the addressed dialect: every request carries an
@@ -23,7 +26,8 @@ Protocol faults, and what they fail:
   still answers (a worker that died or hangs is caught by the crash and
   timeout paths).
 - **A malformed line of a known request** (a reply of the wrong type, a
-  missing field, a token for a non-streaming request) fails that request.
+  missing field, a token for a non-streaming request, a ``progress`` line for
+  a request that did not ask for it) fails that request.
 
 A request the host gave up on (cancelled, timed out, or failed by a fault) is
 *abandoned*: its id is remembered until its terminal line comes, and its late
@@ -46,13 +50,13 @@ import orjson
 from protocol.codec import DEFAULT_MAX_LINE_BYTES, encode_wire
 from protocol.errors import RequestId, WireError
 from protocol.fields import JsonValue
-from protocol.replies import ErrorReply, Reply, TokenEvent
+from protocol.replies import NON_TERMINAL_TYPES, ErrorReply, ProgressEvent, Reply, TokenEvent
 from protocol.reply_decode import parse_reply
 
 from .commands import EXPECTED_REPLY, STREAMING
 from .errors import ProtocolError, RequestError, SupervisorError
 from .framing import LineSplitter, OverlongLine
-from .results import Token
+from .results import StreamItem, Token
 
 __all__ = ["ErrorFactory", "Sink", "WorkerCore"]
 
@@ -69,8 +73,12 @@ class Sink(Protocol):
     """Receives one request's output. Called by :meth:`WorkerCore.feed`'s
     caller with the core's lock held: do not block, do not call back."""
 
-    def tokens(self, batch: list[Token]) -> None:
-        """Token events, in order; the sink may keep the list."""
+    def tokens(self, batch: list[StreamItem]) -> None:
+        """A stream's token events, and its progress events if it asked for
+        them, in order; the sink may keep the list."""
+
+    def progress(self, event: ProgressEvent) -> None:
+        """A progress event of a non-streaming request that asked for them."""
 
     def finish(self, reply: Reply) -> None:
         """The terminal reply, of the type the command expects."""
@@ -80,14 +88,15 @@ class Sink(Protocol):
 
 
 class _Pending:
-    __slots__ = ("id", "cmd", "sink", "buf", "streaming")
+    __slots__ = ("id", "cmd", "sink", "buf", "streaming", "progress")
 
-    def __init__(self, rid: RequestId, cmd: str, sink: Sink) -> None:
+    def __init__(self, rid: RequestId, cmd: str, sink: Sink, progress: bool) -> None:
         self.id = rid
         self.cmd = cmd
         self.sink = sink
-        self.buf: list[Token] = []
+        self.buf: list[StreamItem] = []
         self.streaming = cmd in STREAMING
+        self.progress = progress
 
 
 def _decode_all(lines: list[bytes | OverlongLine]) -> list[Any] | None:
@@ -152,7 +161,8 @@ class WorkerCore:
         with self._lock:
             if self._closed is not None:
                 raise self._closed(rid)
-            self._pending[rid] = _Pending(rid, cmd, sink)
+            asked = bool(fields) and fields.get("progress") is True  # type: ignore[union-attr]
+            self._pending[rid] = _Pending(rid, cmd, sink, asked)
         return rid, line
 
     def after_fork(self, make_error: ErrorFactory) -> None:
@@ -296,7 +306,9 @@ class WorkerCore:
         p = self._pending.get(rid) if type(rid) is int else None
         if p is None:
             self._stray(rid, obj.get("type"), line)
-        elif obj.get("type") != "token":
+        elif (kind := obj.get("type")) == "progress":
+            self._progress(p, obj, line, touched)
+        elif kind != "token":
             self._terminal(p, obj, line)
         else:
             text = obj.get("token")
@@ -332,6 +344,27 @@ class WorkerCore:
         assert isinstance(event, TokenEvent)
         return Token(event.token, event.token_id, event.logprob, event.top_logprobs)
 
+    def _progress(
+        self, p: _Pending, obj: dict[str, object], line: bytes, touched: list[_Pending]
+    ) -> None:
+        """A progress event: in order with the tokens of a stream, at once for
+        another request; a fault if the request did not ask for it."""
+        if not p.progress:
+            self._fault_one(p, f"the worker sent progress for {p.cmd!r}, which did not ask", line)
+            return
+        try:
+            event = parse_reply(obj)
+        except WireError as exc:
+            self._fault_one(p, f"malformed progress line: {exc.message}", line)
+            return
+        assert isinstance(event, ProgressEvent)
+        if p.streaming:
+            if not p.buf:
+                touched.append(p)
+            p.buf.append(event)
+        else:
+            p.sink.progress(event)
+
     def _terminal(self, p: _Pending, obj: dict[str, object], line: bytes) -> None:
         try:
             reply = parse_reply(obj)
@@ -360,7 +393,7 @@ class WorkerCore:
         if m is not None:
             raw_id = m.group(2)
             rid: object = int(raw_id) if raw_id[:1] != b'"' else orjson.loads(raw_id)
-            terminal = m.group(1) != b"token"
+            terminal = m.group(1).decode() not in NON_TERMINAL_TYPES
             p = self._pending.get(rid) if type(rid) is int else None
             if p is not None:
                 log.error("%s (request %r)", what, rid)
@@ -377,7 +410,7 @@ class WorkerCore:
 
     def _stray(self, rid: object, kind: object, line: bytes) -> None:
         if type(rid) is int and rid in self._abandoned:
-            if kind != "token":
+            if kind not in NON_TERMINAL_TYPES:
                 self._abandoned.discard(rid)
             return
         self._fault_all(f"the worker wrote a line for an unknown request id {rid!r}", line)

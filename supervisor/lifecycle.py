@@ -15,19 +15,21 @@ import enum
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from protocol.codec import PROTOCOL_VERSION
 from protocol.errors import RequestId
-from protocol.replies import HelloReply, Reply
+from protocol.replies import HelloReply, ProgressEvent, Reply
 
 from .core import ErrorFactory, WorkerCore
 from .errors import MemoryLimitExceeded, SupervisorError, WorkerClosed, WorkerCrashed, WorkerTimeout
 from .probe import ProcessProbe
 from .restart import RestartGuard
-from .results import Token
+from .results import StreamItem
 
 __all__ = [
+    "ProgressCallback",
     "QuitSink",
     "ReplyBox",
     "State",
@@ -69,7 +71,10 @@ class State(enum.Enum):
 class QuitSink:
     """The ``bye`` of our own ``quit`` needs no reader: closing waits for the exit."""
 
-    def tokens(self, batch: list[Token]) -> None:
+    def tokens(self, batch: list[StreamItem]) -> None:
+        pass
+
+    def progress(self, event: ProgressEvent) -> None:
         pass
 
     def finish(self, reply: Reply) -> None:
@@ -86,20 +91,47 @@ class _Event(Protocol):
 E = TypeVar("E", bound=_Event)
 
 
+ProgressCallback = Callable[[ProgressEvent], object]
+"""Called with each progress event of a request that asked for them
+(``load(on_progress=...)``), on the thread or task that waits for the reply."""
+
+
 class ReplyBox(Generic[E]):
     """The :class:`~supervisor.core.Sink` of a non-streaming request: keeps its
-    one reply or error and sets ``event``. The twins (``ReplySink``,
-    ``AsyncReplySink``) add the waiting on their kind of event."""
+    one reply or error and sets ``event``; progress events (if the request
+    asked for them) are kept and set ``event`` too, so that the waiter hands
+    them to ``on_progress`` itself, never the reader of the pipe. The twins
+    (``ReplySink``, ``AsyncReplySink``) add the waiting on their kind of event."""
 
-    __slots__ = ("_event", "_reply", "_error")
+    __slots__ = ("_event", "_reply", "_error", "_updates", "_on_progress")
 
-    def __init__(self, event: E) -> None:
+    def __init__(self, event: E, on_progress: ProgressCallback | None = None) -> None:
         self._event = event
         self._reply: Reply | None = None
         self._error: SupervisorError | None = None
+        self._updates: list[ProgressEvent] = []
+        self._on_progress = on_progress
 
-    def tokens(self, batch: list[Token]) -> None:  # the core never sends these here
+    def tokens(self, batch: list[StreamItem]) -> None:  # the core never sends these here
         pass
+
+    def progress(self, event: ProgressEvent) -> None:
+        if self._on_progress is not None:
+            self._updates.append(event)
+            self._event.set()
+
+    @property
+    def ended(self) -> bool:
+        return self._reply is not None or self._error is not None
+
+    def deliver_progress(self) -> None:
+        """Hand the progress events received so far to ``on_progress``, in
+        order (on the waiter's thread or task; an exception from the callback
+        propagates to the caller)."""
+        updates, self._updates = self._updates, []
+        assert self._on_progress is not None or not updates
+        for event in updates:
+            self._on_progress(event)  # type: ignore[misc]
 
     def finish(self, reply: Reply) -> None:
         self._reply = reply

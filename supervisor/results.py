@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from protocol.replies import Done, MemoryStats, ToolCall, TopLogprob
+from protocol.replies import Done, MemoryStats, ProgressEvent, ToolCall, TopLogprob
 
-__all__ = ["StreamResult", "Timings", "Token", "Usage", "WorkerStats"]
+__all__ = ["StreamItem", "StreamResult", "Timings", "Token", "Usage", "WorkerStats"]
 
 
 class Token(NamedTuple):
@@ -23,6 +23,13 @@ class Token(NamedTuple):
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] | None = None
+
+
+StreamItem = Token | ProgressEvent
+"""What a stream sent with ``progress=True`` yields: its tokens, and before
+them (during prefill) its :class:`~protocol.replies.ProgressEvent` s, in the
+order the worker wrote them. Without ``progress`` a stream yields only
+``Token`` s."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,14 +11,14 @@ import logging
 import threading
 from collections.abc import Generator, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
-from protocol.replies import Done, Reply
+from protocol.replies import Done, ProgressEvent, Reply
 
 from . import arguments
 from .errors import SupervisorError
-from .lifecycle import ReplyBox
-from .results import StreamResult, Token
+from .lifecycle import ProgressCallback, ReplyBox
+from .results import StreamItem, StreamResult, Token
 
 if TYPE_CHECKING:
     from .process import SyncChild
@@ -28,24 +28,40 @@ __all__ = ["ReplySink", "Stream"]
 
 log = logging.getLogger("supervisor")
 
+T = TypeVar("T", bound=StreamItem)
+"""What a stream yields: ``Token``, or ``Token | ProgressEvent`` with ``progress=True``."""
+
 
 class ReplySink(ReplyBox[threading.Event]):
-    """Waits for the single reply of a non-streaming request."""
+    """Waits for the single reply of a non-streaming request, handing any
+    progress events to ``on_progress`` meanwhile; ``timeout`` is the longest
+    wait for the next line (a progress event starts it again)."""
 
     __slots__ = ()
 
-    def __init__(self) -> None:
-        super().__init__(threading.Event())
+    def __init__(self, on_progress: ProgressCallback | None = None) -> None:
+        super().__init__(threading.Event(), on_progress)
 
     def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
+        if self._on_progress is None:
+            return self._event.wait(timeout)
+        while self._event.wait(timeout):
+            self._event.clear()  # before the reads: a later set is seen by the next wait
+            self.deliver_progress()
+            if self.ended:
+                self._event.set()
+                return True
+        return False
 
 
-class Stream:
+class Stream(Generic[T]):
     """The tokens of one ``generate`` or ``chat``, as they arrive.
 
     Iterate it (once, from one thread) for :class:`~supervisor.results.Token`
-    events; ``result`` then holds the finish reason, usage and timings. Use
+    events (a ``Stream[Token]``); sent with ``progress=True`` it is a
+    ``Stream[Token | ProgressEvent]`` and also yields the worker's
+    :class:`~protocol.replies.ProgressEvent` s (prefill), in order with the
+    tokens. ``result`` then holds the finish reason, usage and timings. Use
     it as a context manager: leaving the block before the end, or on an
     exception, cancels the request. If the worker ends with an error, the
     tokens that came before it are yielded first, then the error is raised.
@@ -57,7 +73,7 @@ class Stream:
         self.request_id = 0  # set once the request is registered
         self._timeout = timeout
         self._cond = threading.Condition(threading.Lock())
-        self._inbox: list[Token] = []
+        self._inbox: list[T] = []
         self._ended = False
         self._done: Done | None = None
         self._error: SupervisorError | None = None
@@ -65,13 +81,17 @@ class Stream:
 
     # -- Sink: called by the stdout thread ---------------------------------------------
 
-    def tokens(self, batch: list[Token]) -> None:
+    def tokens(self, batch: list[StreamItem]) -> None:
+        items = cast("list[T]", batch)  # progress events come only to a Stream that asked
         with self._cond:
             if self._inbox:
-                self._inbox.extend(batch)
+                self._inbox.extend(items)
             else:
-                self._inbox = batch
+                self._inbox = items
             self._cond.notify()
+
+    def progress(self, event: ProgressEvent) -> None:
+        self.tokens([event])
 
     def finish(self, reply: Reply) -> None:
         with self._cond:
@@ -88,17 +108,17 @@ class Stream:
 
     # -- reading ----------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[Token]:
+    def __iter__(self) -> Iterator[T]:
         return self._tokens  # ``for`` runs the generator directly: no call per token
 
-    def __next__(self) -> Token:
+    def __next__(self) -> T:
         return next(self._tokens)
 
-    def _iterate(self) -> Generator[Token, None, None]:
+    def _iterate(self) -> Generator[T, None, None]:
         while batch := self._take():
             yield from batch
 
-    def _take(self) -> list[Token]:
+    def _take(self) -> list[T]:
         """The next batch of tokens; [] at the end; raises the stream's error."""
         with self._cond:
             if self._cond.wait_for(self._has_news, self._timeout):
@@ -140,8 +160,8 @@ class Stream:
             return self._cond.wait_for(lambda: self._ended, timeout)
 
     def text(self) -> str:
-        """Read the remaining tokens and return their text."""
-        return "".join(token.text for token in self)
+        """Read the remaining tokens and return their text (progress events are skipped)."""
+        return "".join([item.text for item in self if isinstance(item, Token)])
 
     # -- cancelling ---------------------------------------------------------------------
 
@@ -162,7 +182,7 @@ class Stream:
         self._tokens.close()
         self.cancel()
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Stream[T]:
         return self
 
     def __exit__(

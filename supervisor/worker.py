@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 from protocol.errors import RequestId
@@ -30,6 +30,7 @@ from protocol.replies import (
     Loaded,
     ModelFacts,
     Pong,
+    ProgressEvent,
     Reply,
     TextReply,
     TokensReply,
@@ -46,6 +47,7 @@ from .errors import (
     WorkerTimeout,
 )
 from .lifecycle import (
+    ProgressCallback,
     QuitSink,
     State,
     accept_hello,
@@ -60,7 +62,7 @@ from .lifecycle import (
 )
 from .process import SyncChild
 from .restart import RestartGuard, RestartPolicy
-from .results import WorkerStats
+from .results import Token, WorkerStats
 from .settings import USE_DEFAULT, Settings, Timeout, optional_path, roots_of, worker_command
 from .stream import ReplySink, Stream
 
@@ -161,9 +163,10 @@ class Supervision:
         fields: Mapping[str, JsonValue] | None,
         timeout: float | None,
         child: SyncChild | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> Reply:
         child = child or self.ready()
-        sink = ReplySink()
+        sink = ReplySink(on_progress)
         rid, line = child.core.open(cmd, fields, sink)
         child.send(line)
         if not sink.wait(timeout):
@@ -171,14 +174,16 @@ class Supervision:
             raise self.expire(child, rid, sink, timeout)
         return sink.value()
 
-    def stream(self, cmd: str, fields: Mapping[str, JsonValue], timeout: float | None) -> Stream:
+    def stream(
+        self, cmd: str, fields: Mapping[str, JsonValue], timeout: float | None
+    ) -> Stream[Any]:
         child = self.ready()
-        stream = Stream(self, child, timeout)
+        stream: Stream[Any] = Stream(self, child, timeout)
         stream.request_id, line = child.core.open(cmd, fields, stream)
         child.send(line)
         return stream
 
-    def cancel(self, child: SyncChild, rid: RequestId, sink: Stream) -> None:
+    def cancel(self, child: SyncChild, rid: RequestId, sink: Stream[Any]) -> None:
         if not child.core.is_open(rid):
             return
         error = self._cancel_or_kill(child, rid, sink, None)
@@ -186,7 +191,7 @@ class Supervision:
             raise error
 
     def expire(
-        self, child: SyncChild, rid: RequestId, sink: ReplySink | Stream, timeout: float
+        self, child: SyncChild, rid: RequestId, sink: ReplySink | Stream[Any], timeout: float
     ) -> WorkerTimeout:
         """A request's timeout passed: cancel it, and kill a worker that does
         not even end it then. Returns the error to raise."""
@@ -196,7 +201,7 @@ class Supervision:
         self,
         child: SyncChild,
         rid: RequestId,
-        sink: ReplySink | Stream,
+        sink: ReplySink | Stream[Any],
         timeout: float | None,
     ) -> WorkerTimeout | None:
         """Cancel ``rid`` and wait ``cancel_grace`` for its end. If it does not
@@ -490,23 +495,47 @@ class Worker:
         context_len: int | None = None,
         trust_remote_code: bool = False,
         force: bool = False,
+        on_progress: ProgressCallback | None = None,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
     ) -> Loaded:
-        """Load a model (replacing the current one); it is reloaded after a restart."""
+        """Load a model (replacing the current one); it is reloaded after a restart.
+
+        ``on_progress``, if given, asks the worker for the load's progress
+        (``"progress": true``) and is called with each
+        :class:`~protocol.replies.ProgressEvent` (stage ``load``: ``step``
+        ``checking``, ``weights``, ``tokenizer``, ``ready``, with ``done`` of
+        ``total`` ``unit`` where known), in order, on the calling thread,
+        before this returns. ``timeout`` is then the longest wait for the
+        next event or the reply. An exception from the callback propagates;
+        the load itself still completes in the worker. A worker that does not
+        report progress simply never calls it. Reloads after a restart do not
+        report progress.
+        """
+        if on_progress is not None and not callable(on_progress):
+            raise InvalidArgument(
+                f"on_progress: must be a callable or None, got {type(on_progress).__name__}"
+            )
         fields = commands.load_fields(
             path,
             adapter_path=adapter_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,
+            progress=on_progress is not None,
             extra=extra,
         )
-        return self._load(fields, self.settings.timeout(timeout))
+        return self._load(fields, self.settings.timeout(timeout), on_progress)
 
-    def _load(self, fields: commands.Fields, timeout: float | None) -> Loaded:
-        loaded = expect(self._sup.call("load", fields, timeout), Loaded)
-        self._sup.model, self._sup.model_fields = loaded.model, fields
+    def _load(
+        self,
+        fields: commands.Fields,
+        timeout: float | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Loaded:
+        loaded = expect(self._sup.call("load", fields, timeout, on_progress=on_progress), Loaded)
+        self._sup.model = loaded.model
+        self._sup.model_fields = commands.without_progress(fields)
         return loaded
 
     def unload(self, *, timeout: Timeout = USE_DEFAULT) -> bool:
@@ -515,20 +544,83 @@ class Worker:
         self._sup.model, self._sup.model_fields = None, None
         return reply.was_loaded
 
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token]: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token | ProgressEvent]: ...
+
     def generate(
         self,
         prompt: str,
         *,
         cache_key: str | None = None,
+        progress: bool = False,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
-    ) -> Stream:
-        """Stream a completion of ``prompt``."""
+    ) -> Stream[Any]:
+        """Stream a completion of ``prompt``.
+
+        With ``progress=True`` the stream also yields the worker's
+        :class:`~protocol.replies.ProgressEvent` s (stage ``prefill``: prompt
+        tokens ``done`` of ``total``), in order before the tokens; a
+        ``Stream[Token | ProgressEvent]``. Without it, only ``Token`` s.
+        """
         fields = commands.generate_fields(
-            prompt, commands.sampling_fields(sampling), cache_key=cache_key, extra=extra
+            prompt,
+            commands.sampling_fields(sampling),
+            cache_key=cache_key,
+            progress=progress,
+            extra=extra,
         )
         return self._sup.stream("generate", fields, self.settings.timeout(timeout))
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token]: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token | ProgressEvent]: ...
 
     def chat(
         self,
@@ -537,17 +629,20 @@ class Worker:
         chat_template_kwargs: Mapping[str, object] | None = None,
         tools: Sequence[Mapping[str, object]] | None = None,
         cache_key: str | None = None,
+        progress: bool = False,
         timeout: Timeout = USE_DEFAULT,
         extra: commands.Extra | None = None,
         **sampling: Unpack[commands.SamplingOptions],
-    ) -> Stream:
-        """Stream the answer to ``messages`` (OpenAI-style role/content dicts)."""
+    ) -> Stream[Any]:
+        """Stream the answer to ``messages`` (OpenAI-style role/content dicts);
+        ``progress`` as for :meth:`generate`."""
         fields = commands.chat_fields(
             messages,
             commands.sampling_fields(sampling),
             chat_template_kwargs=chat_template_kwargs,
             tools=tools,
             cache_key=cache_key,
+            progress=progress,
             extra=extra,
         )
         return self._sup.stream("chat", fields, self.settings.timeout(timeout))

@@ -68,6 +68,8 @@ REPLY_TYPE: Final[Mapping[str, str]] = {
 """The terminal reply type of each command (besides ``error``)."""
 
 STREAMING: Final = frozenset({"generate", "chat"})
+PROGRESS_COMMANDS: Final = frozenset({"generate", "chat", "load"})
+"""The commands that may ask for ``progress`` lines (``"progress": true``)."""
 
 
 class CaseFailed(Exception):
@@ -130,6 +132,10 @@ class Exchange:
     def tokens(self) -> list[Line]:
         return [line for line in self.lines if line.get("type") == "token"]
 
+    @property
+    def progress(self) -> list[Line]:
+        return [line for line in self.lines if line.get("type") == "progress"]
+
 
 class Session:
     """The kit's side of the wire, for one worker process."""
@@ -158,6 +164,8 @@ class Session:
         self._bye: Line | None = None
         self._eof = False
         self._ids = itertools.count(1)
+        self.read_order: list[tuple[object, str]] = []
+        """``(id, type)`` of every addressed line read, in order (to see interleaving)."""
 
     # -- ids ---------------------------------------------------------------------------
 
@@ -252,9 +260,20 @@ class Session:
                 f"a line for id {rid!r}, which has no request in flight{hint}: {_show(line)}"
             )
         kind = line["type"]
+        self.read_order.append((rid, kind))
         if kind == "token":
             if exchange.cmd not in STREAMING:
                 raise fail(f"a token line for a {exchange.cmd!r} request: {_show(line)}")
+            exchange.lines.append(line)
+            return
+        if kind == "progress":
+            if exchange.request.get("progress") is not True:
+                raise fail(
+                    f"a progress line for {exchange.label}, which did not ask for progress:"
+                    f" {_show(line)}"
+                )
+            if exchange.cmd not in PROGRESS_COMMANDS:
+                raise fail(f"a progress line for a {exchange.cmd!r} request: {_show(line)}")
             exchange.lines.append(line)
             return
         if exchange.duplicates and kind == "error" and line.get("code") == "duplicate_id":

@@ -67,6 +67,11 @@ def pump():
             line["id"] = str(line["id"])
         if mode == "extra-field" and line["type"] == "pong":
             line["extra"] = 1
+        if mode == "claims-batching" and line["type"] == "hello":
+            line["limits"]["max_concurrency"] = 8
+        if mode == "unasked-progress" and line["type"] == "done" and "id" in line:
+            stray = {"type": "progress", "id": line["id"], "stage": "prefill", "done": 1}
+            emit((json.dumps(stray) + "\\n").encode())
         emit((json.dumps(line, ensure_ascii=False) + "\\n").encode())
 
 thread = threading.Thread(target=pump)
@@ -190,6 +195,8 @@ def test_faulty_mock_workers_fail_the_case_that_checks_the_rule(
             "Additional properties are not allowed ('extra' was unexpected)",
         ),
         ("answer-cancel", "startup / cancel", "id-less line(s) nobody asked for"),
+        ("claims-batching", "batching / several", "did not interleave"),
+        ("unasked-progress", "batching / progress", "which did not ask for progress"),
     ],
 )
 def test_a_proxy_that_breaks_one_rule_is_caught(

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from protocol.errors import ERROR_CODES, InvalidRequest, RequestId, WireError
 from protocol.replies import (
     FINISH_REASONS,
     AttentionFacts,
+    BatchStats,
     Bye,
     Done,
     ErrorReply,
@@ -35,6 +37,7 @@ from protocol.replies import (
     MemoryStats,
     ModelFacts,
     Pong,
+    ProgressEvent,
     Reply,
     TextReply,
     TokenEvent,
@@ -168,6 +171,19 @@ def test_the_schema_root_accepts_every_example() -> None:
     for example in EXAMPLES:
         errors = list(root.iter_errors(example.obj))
         assert not errors, f"{example}: {errors[0].message}"
+
+
+def test_progress_true_needs_an_id_in_the_schema_and_the_parser() -> None:
+    for cmd in ("generate", "chat", "load"):
+        for extra, ok in (
+            ({}, False),
+            ({"id": None}, False),
+            ({"id": "r"}, True),
+            ({"id": 0}, True),
+        ):
+            raw = {**BASES[cmd], "progress": True, **extra}
+            assert _schema_accepts(raw) is ok and _parser_accepts(raw) is ok, (cmd, extra)
+        assert _schema_accepts({**BASES[cmd], "progress": False})
 
 
 def test_hello_example_matches_the_code() -> None:
@@ -305,6 +321,33 @@ def _done(rid: RequestId | None) -> list[Reply]:
     return [*finished, queued_cancel]
 
 
+def _progress(rid: RequestId | None) -> list[Reply]:
+    """Progress goes only to addressed requests: without an id there is none."""
+    if rid is None:
+        return []
+    return [
+        ProgressEvent(id=rid, stage="prefill", done=512, total=8000),
+        ProgressEvent(id=rid, stage="prefill", done=0, total=0),
+        ProgressEvent(id=rid, stage="load", step="checking", done=7, total=7, unit="files"),
+        ProgressEvent(id=rid, stage="load", step="weights", done=0, total=2**40, unit="bytes"),
+        ProgressEvent(id=rid, stage="load", step="tokenizer"),
+        ProgressEvent(id=rid, stage="load", step="ready"),
+    ]
+
+
+BATCH = BatchStats(
+    running=3,
+    prefilling=1,
+    queued=0,
+    max_concurrency=32,
+    kv_reserved_bytes=6291456,
+    kv_budget_bytes=None,
+    steps=1804,
+    last_step_ms=4.21749,
+    tokens_per_s=711.4,
+)
+
+
 def _errors(rid: RequestId | None) -> list[Reply]:
     replies: list[Reply] = [
         ErrorReply(id=rid, code=code, message=f"{code}: example") for code in ERROR_CODES
@@ -322,10 +365,15 @@ REPLY_FACTORIES: dict[type[Any], ReplyFactory] = {
     ],
     Unloaded: lambda rid: [Unloaded(id=rid, was_loaded=True), Unloaded(id=rid, was_loaded=False)],
     TokenEvent: _tokens,
+    ProgressEvent: _progress,
     Done: _done,
     InfoReply: lambda rid: [
         InfoReply(id=rid, model=FACTS, memory=MEMORY),
         InfoReply(id=rid, model=FACTS_MINIMAL, memory=MEMORY),
+        InfoReply(id=rid, model=FACTS, memory=MEMORY, batch=BATCH),
+        InfoReply(
+            id=rid, model=FACTS, memory=MEMORY, batch=dataclasses.replace(BATCH, kv_budget_bytes=0)
+        ),
     ],
     TokensReply: lambda rid: [
         TokensReply(id=rid, tokens=(1530, 361, 866)),
@@ -340,7 +388,7 @@ REPLY_CLASSES: tuple[type[Any], ...] = get_args(Reply)
 
 
 def _reply_type(cls: type[Any]) -> str:
-    reply = REPLY_FACTORIES[cls](None)[0]
+    reply = REPLY_FACTORIES[cls](1)[0]
     kind = reply.to_wire()["type"]
     assert isinstance(kind, str)
     return kind
@@ -391,6 +439,9 @@ PROBED_FIELDS: list[tuple[str, str]] = [
     ("load", "force"),
     ("load", "gpu_layers"),
     ("load", "parallel_slots"),
+    ("load", "progress"),
+    ("generate", "progress"),
+    ("chat", "progress"),
     ("tokenize", "text"),
     ("tokenize", "add_special_tokens"),
     ("detokenize", "tokens"),

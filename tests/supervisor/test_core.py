@@ -13,6 +13,7 @@ from protocol.replies import (
     Done,
     ErrorReply,
     Pong,
+    ProgressEvent,
     Reply,
     TextReply,
     TokenEvent,
@@ -22,7 +23,7 @@ from supervisor.errors import ProtocolError, RequestError, SupervisorError, Work
 from supervisor.framing import LineSplitter, OverlongLine
 from supervisor.lifecycle import restart_refusal
 from supervisor.restart import RestartGuard, RestartPolicy
-from supervisor.results import Token
+from supervisor.results import StreamItem, Token
 from tests.protocol.test_reply_decode import DONE
 
 # -- framing -------------------------------------------------------------------------------
@@ -55,13 +56,18 @@ def test_splitter_drops_overlong_lines_without_holding_them() -> None:
 
 class Sink:
     def __init__(self) -> None:
-        self.tokens_seen: list[Token] = []
+        self.tokens_seen: list[StreamItem] = []
+        self.progress_seen: list[ProgressEvent] = []
         self.reply: Reply | None = None
         self.error: SupervisorError | None = None
 
-    def tokens(self, batch: list[Token]) -> None:
+    def tokens(self, batch: list[StreamItem]) -> None:
         assert self.reply is None and self.error is None
         self.tokens_seen += batch
+
+    def progress(self, event: ProgressEvent) -> None:
+        assert self.reply is None and self.error is None
+        self.progress_seen.append(event)
 
     def finish(self, reply: Reply) -> None:
         assert self.reply is None and self.error is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 from ..table import Group
-from . import bad_input, cancel, generation, legacy, startup
+from . import bad_input, batching, cancel, generation, legacy, startup
 
 __all__ = ["GROUPS"]
 
@@ -19,5 +19,6 @@ GROUPS: Final[tuple[Group, ...]] = (
     generation.GROUP,
     legacy.GROUP,
     cancel.GROUP,
+    batching.GROUP,
     cancel.EOF_GROUP,
 )
