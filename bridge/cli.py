@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import protocol
 from bridge.arguments import existing_directory, non_negative_int, positive_int
+from bridge.loop.scheduler import DEFAULT_MAX_CONCURRENCY
 from bridge.loop.server import ServeOptions, serve
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 
@@ -65,6 +66,14 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="requests that may wait; more are refused with 'busy' (default: 256)",
     )
     p.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=DEFAULT_MAX_CONCURRENCY,
+        metavar="N",
+        help="addressed generate/chat requests decoded together in one batch; more wait "
+        f"in the queue (default: {DEFAULT_MAX_CONCURRENCY}, see docs/benchmarks.md)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="refuse requests with unknown fields (invalid_request naming the field); "
@@ -83,8 +92,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=DEFAULT_PREFILL_STEP,
         metavar="N",
-        help=f"prompt tokens per prefill chunk; cancel is checked between chunks "
-        f"(default: {DEFAULT_PREFILL_STEP})",
+        help="prompt tokens per prefill chunk; one chunk runs between two decode steps of "
+        "the batch, so it bounds the other streams' stall while a prompt is admitted and "
+        f"how long a cancel waits in prefill (default: {DEFAULT_PREFILL_STEP})",
     )
     p.add_argument(
         "--trust-remote-code",
@@ -162,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_cache_bytes=args.prompt_cache_bytes,
         trust_remote_code=args.trust_remote_code,
         max_prompt_tokens=args.max_prompt_tokens or None,
+        max_concurrency=args.max_concurrency,
     )
     engine = routing_engine(text, args)
     options = ServeOptions(
@@ -170,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         strict=args.strict,
         preload=args.model,
         max_prompt_tokens=args.max_prompt_tokens or None,
+        max_concurrency=args.max_concurrency,
+        prefill_chunk_tokens=args.prefill_step_size,
     )
     return serve(engine, options)
 

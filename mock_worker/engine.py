@@ -20,7 +20,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.engines.engine_protocol import Decoder, Prepared, ReportLoad, ShouldAbort, Step
+from bridge.engines.solo import SoloDecoder
 from bridge.model_dir.files import confine
 from bridge.model_dir.remote_code import remote_code_allowed
 from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
@@ -72,7 +73,7 @@ class ScriptedEngine:
     def warm_up(self) -> None:
         pass
 
-    def load(self, request: Load) -> ModelFacts:
+    def load(self, request: Load, report: ReportLoad | None = None) -> ModelFacts:
         remote_code_allowed(request, worker_allows=self._trust_remote_code)
         if self._model_root is not None:
             for field, path in (("path", request.path), ("adapter_path", request.adapter_path)):
@@ -117,6 +118,9 @@ class ScriptedEngine:
             faults=faults,
         )
 
+    def decoder(self) -> Decoder:
+        return SoloDecoder(self.generate, _peak_rss)
+
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
     ) -> Generator[Step, None, None]:
@@ -130,8 +134,6 @@ class ScriptedEngine:
         # The steps are built once per generation, so the mock streams at full speed.
         cycle = echo.token_steps(words, prepared.sampling.logprobs)
         eos_at = 0 if not words else faults.eos_after
-        peak = _peak_rss()
-        started = first_at = time.perf_counter()
         n = 0
         while True:
             if n == faults.garbage_after:
@@ -146,8 +148,6 @@ class ScriptedEngine:
                 if faults.ignore_cancel:
                     block_forever(f"ignore_cancel in {name}")
                 return
-            if n == 0:
-                first_at = time.perf_counter()
             if n == eos_at:
                 step = Step(text="", token_id=echo.EOS_TOKEN_ID, is_eos=True, finish_reason="stop")
             else:
@@ -155,16 +155,6 @@ class ScriptedEngine:
                 n += 1
                 if n == max_tokens:
                     step = replace(step, finish_reason="length")
-            if step.finish_reason is not None or n <= TIMED_TOKENS or n % TIMED_TOKENS == 0:
-                # ``done`` reports the last step's figures; past the first tokens
-                # they are refreshed every TIMED_TOKENS only, to keep streaming cheap.
-                now = time.perf_counter()
-                step = replace(
-                    step,
-                    prompt_tps=len(prepared.tokens) / max(first_at - started, 1e-9),
-                    generation_tps=n / max(now - first_at, 1e-9),
-                    peak_memory_bytes=peak if step.finish_reason is None else _peak_rss(),
-                )
             try:
                 yield step
             except GeneratorExit:

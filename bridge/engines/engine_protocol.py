@@ -1,19 +1,27 @@
 """The seam between the request loop and whatever runs the model.
 
-``Engine`` is satisfied by the real mlx-lm engine (:mod:`bridge.engines.text.engine`)
+``Engine`` is satisfied by the real engines (:mod:`bridge.engines.routing`
+over :mod:`bridge.engines.text.engine` and :mod:`bridge.engines.vision.engine`)
 and by the scripted engine of :mod:`mock_worker`. The scheduler calls every
 method except :meth:`Engine.facts` and :meth:`Engine.memory` on its one
 dedicated thread; those two are read from the stdin thread and must be cheap
 and thread-safe.
+
+Generations run through the loaded model's :class:`Decoder`: the scheduler
+(:mod:`bridge.loop.scheduler`) admits sequences into it, steps it (one
+decode step for every decoding sequence, at most one prefill chunk), routes
+each :data:`Event` to its request and removes what ended. An engine that
+decodes one sequence at a time wraps its pull generator in
+:class:`bridge.engines.solo.SoloDecoder`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, TopLogprob
+from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, ToolCall, TopLogprob
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Sampling, Tokenize
 
 if TYPE_CHECKING:
@@ -21,11 +29,28 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedAnswer:
+    """Tool calls found in a finished answer, and the answer's text without them."""
+
+    tool_calls: tuple[ToolCall, ...]
+    content: str
+
+
+AnswerParser = Callable[[str], ParsedAnswer | None]
+"""Called once with the answer's text (stop strings removed); None: no tool calls."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Prepared:
-    """A generation request turned into prompt token ids, ready to run."""
+    """A generation request turned into prompt token ids, ready to run.
+
+    ``cache_key`` names the prompt-cache slot; ``answer_parser``, when set,
+    looks for tool calls in the finished answer (for ``done``)."""
 
     tokens: tuple[int, ...]
     sampling: Sampling
+    cache_key: str | None = None
+    answer_parser: AnswerParser | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,20 +68,107 @@ class Step:
     finish_reason: str | None = None
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] | None = None
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory_bytes: int = 0
 
 
 ShouldAbort = Callable[[], bool]
+
+SeqId = int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prefilled:
+    """Prefill progress of one sequence: ``done`` of ``total`` prompt tokens
+    (the tokens it feeds: those found in the prompt cache are not counted)."""
+
+    seq: SeqId
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decoded:
+    """One token of one sequence. A step with ``finish_reason`` is its last:
+    the decoder has already let the sequence go."""
+
+    seq: SeqId
+    step: Step
+
+
+Event = Prefilled | Decoded
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvShape:
+    """What the scheduler needs to admit sequences against memory.
+
+    ``bytes_per_token`` is one token's KV cache over all layers (0: unknown,
+    no memory admission); ``budget`` the bytes all KV caches together may
+    take (None: unbounded). ``padded``: a batch's rows share one length, so
+    a batch takes ``rows × longest row`` tokens (mlx-lm's ``BatchKVCache`` is
+    left-padded to its longest row).
+    """
+
+    bytes_per_token: int = 0
+    budget: int | None = None
+    padded: bool = True
+
+
+class Decoder(Protocol):
+    """The sequences of one loaded model, decoded together (engine thread only)."""
+
+    @property
+    def capacity(self) -> int:
+        """Most sequences it takes at once."""
+        ...
+
+    @property
+    def kv(self) -> KvShape: ...
+
+    def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
+        """Start ``seq``; returns how many of its prompt tokens the prompt
+        cache held. ``should_abort`` is the request's cancel flag, for a
+        decoder that cannot stop between two steps (a prefill in one call)."""
+        ...
+
+    def remove(self, seq: SeqId) -> None:
+        """Stop ``seq`` in whatever phase it is (waiting, prefilling,
+        decoding) and keep its prompt cache; no event for it follows."""
+        ...
+
+    def step(self) -> Sequence[Event]:
+        """One decode step of every decoding sequence and at most one prefill
+        chunk; what happened, in order."""
+        ...
+
+    def peak_memory(self) -> int:
+        """Peak bytes the engine has used, for ``done``."""
+        ...
+
+    def close(self) -> None:
+        """Let every sequence go (the model is about to change, or the worker ends)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadStep:
+    """How far a load has come: ``step`` is one of
+    :data:`protocol.replies.LOAD_STEPS`; ``done`` of ``total`` counts ``unit``."""
+
+    step: str
+    done: int | None = None
+    total: int | None = None
+    unit: str | None = None
+
+
+ReportLoad = Callable[[LoadStep], None]
 
 
 class Engine(Protocol):
     def warm_up(self) -> None:
         """First call on the engine thread: import heavy libraries."""
 
-    def load(self, request: Load) -> ModelFacts:
-        """Load a model, replacing (and freeing) any current one."""
+    def load(self, request: Load, report: ReportLoad | None = None) -> ModelFacts:
+        """Load a model, replacing (and freeing) any current one; ``report``
+        hears each step."""
 
     def unload(self) -> bool:
         """Free the current model; False if none was loaded."""
@@ -64,12 +176,9 @@ class Engine(Protocol):
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Template and tokenize; raises a WireError for bad input."""
 
-    def generate(
-        self, prepared: Prepared, should_abort: ShouldAbort
-    ) -> Generator[Step, None, None]:
-        """Yield steps until finished. Checks ``should_abort`` between prefill
-        chunks and returns early (without a final step) when it says so.
-        Closing the iterator stops decoding."""
+    def decoder(self) -> Decoder:
+        """The loaded model's decoder (called after ``prepare`` succeeded, so
+        a model is loaded). The scheduler keeps it until a load or unload."""
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]: ...
 
@@ -94,5 +203,7 @@ class ModelEngine(Engine, Protocol):
     :func:`bridge.model_dir.files.open_model` (the routing engine checks once,
     with ``--model-root``, and hands the result over)."""
 
-    def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:
+    def load_checked(
+        self, request: Load, files: ModelFiles, report: ReportLoad | None = None
+    ) -> ModelFacts:
         """``load`` of ``files`` (``request.path`` and ``adapter_path``, resolved)."""

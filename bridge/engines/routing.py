@@ -25,10 +25,10 @@ vision model never imports mlx-vlm.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
 
-from bridge.engines.engine_protocol import ModelEngine, Prepared, ShouldAbort, Step
+from bridge.engines.engine_protocol import Decoder, ModelEngine, Prepared, ReportLoad
 from bridge.engines.mlx.install import require_mlx
 from bridge.engines.mlx.memory import available_memory
 from bridge.model_dir.files import check_fits, open_model, weights_bytes
@@ -69,7 +69,7 @@ class RoutingEngine:
     def warm_up(self) -> None:
         self._text.warm_up()
 
-    def load(self, request: Load) -> ModelFacts:
+    def load(self, request: Load, report: ReportLoad | None = None) -> ModelFacts:
         # before anything is read: a request may not turn on remote code by itself
         remote_code_allowed(request, worker_allows=self._trust_remote_code)
         require_mlx(request.id)  # before the vision check: mlx-vlm needs MLX too
@@ -88,7 +88,7 @@ class RoutingEngine:
         if target is not self._current:
             self._current.unload()
             self._current = target
-        return target.load_checked(request, files)
+        return target.load_checked(request, files, report)
 
     def unload(self) -> bool:
         return self._current.unload()
@@ -96,10 +96,8 @@ class RoutingEngine:
     def prepare(self, request: GenerationRequest) -> Prepared:
         return self._current.prepare(request)
 
-    def generate(
-        self, prepared: Prepared, should_abort: ShouldAbort
-    ) -> Generator[Step, None, None]:
-        return self._current.generate(prepared, should_abort)
+    def decoder(self) -> Decoder:
+        return self._current.decoder()
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
         return self._current.tokenize(request)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.engines.engine_protocol import ParsedAnswer
 from protocol.fields import JsonValue
 from protocol.replies import ToolCall
 
@@ -55,12 +56,6 @@ class ToolCallFormat:
         if parser is None or not start:
             return None
         return cls(start=start, end=getattr(tokenizer, "tool_call_end", None) or "", parser=parser)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ParsedAnswer:
-    tool_calls: tuple[ToolCall, ...]
-    content: str
 
 
 def parse_answer(

@@ -1,133 +1,187 @@
-"""Run one generation job: engine steps in, token lines and one ``done`` out.
+"""One generation request's state while it runs: steps in, token lines and one ``done`` out.
 
-This is where stop strings, cancel checks, and timing live, so that every
-engine (real or scripted) streams with identical semantics.
+A :class:`Generation` is the request loop's object per request: stop strings,
+counts, timings and the answer's text live here, not in a generator's
+locals, so that the scheduler can step many at once and route each engine
+event to its request. Every engine (batched, one at a time, scripted)
+streams through it with identical semantics.
 
-An engine may add to ``done`` through its prepared request: a ``Prepared``
-that also has an ``outcome(answer)`` method (:class:`Reports`) is asked, once
-the answer is complete, for the prompt-cache hit and the tool calls parsed
-out of the answer. Engines without one (the scripted engine) report neither.
+Timings are the request's own, not its batch's: ``queue_ms`` from receipt to
+admission, ``ttft_ms`` from admission to the first token, ``prompt_tps`` the
+prompt tokens it fed (cached ones excluded) over that time, and
+``generation_tps`` its tokens after the first over the time they took.
+
+Token lines of one scheduler step are written together: ``emit`` appends to
+the step's :class:`LineBatch`, which the scheduler flushes once per step
+(and before any terminal line, so that a request's tokens always precede
+its ``done``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
-from bridge.engines.engine_protocol import Engine, Step
+from bridge.engines.engine_protocol import AnswerParser, Prepared, Step
 from bridge.loop.jobs import Job
 from bridge.loop.stops import StopFilter
 from protocol.codec import TokenLines
-from protocol.errors import RequestId
-from protocol.replies import Done, TokenEvent, ToolCall
+from protocol.replies import Done, ProgressEvent, TokenEvent
 from protocol.requests import Chat, Generate
 
-Emit = Callable[[Step, str], None]
+Write = Callable[[bytes], None]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
-    """What an engine adds to ``done``: see :class:`protocol.replies.Done`."""
+class LineBatch:
+    """Encoded lines of one scheduler step, written with one call."""
 
-    cached_tokens: int = 0
-    tool_calls: tuple[ToolCall, ...] | None = None
-    content: str | None = None
+    __slots__ = ("_lines", "_write")
 
+    def __init__(self, write: Write) -> None:
+        self._write = write
+        self._lines: list[bytes] = []
 
-@runtime_checkable
-class Reports(Protocol):
-    def outcome(self, answer: str) -> Outcome:
-        """Called after the engine's steps have ended, with the text that was
-        written (stop strings removed)."""
-        ...
+    def add(self, line: bytes) -> None:
+        self._lines.append(line)
 
-
-def run_generation(engine: Engine, job: Job) -> None:
-    request = job.request
-    assert isinstance(request, Generate | Chat)
-    prepared = engine.prepare(request)
-    stops: StopFilter[Step] = StopFilter(prepared.sampling.stop)
-    finish_reason = "cancelled"
-    tokens = 0
-    last: Step | None = None
-    first_token_at: float | None = None
-    cancelled = job.cancel_check
-    filtering = stops.active
-    reports = prepared if isinstance(prepared, Reports) else None
-    answer: list[str] | None = [] if reports is not None else None
-    emit = _emitter(job, request.id, answer)
-
-    steps = engine.generate(prepared, cancelled)
-    try:
-        for step in steps:
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            last = step
-            if cancelled():
-                break
-            if not step.is_eos:
-                tokens += 1
-            if not step.is_eos or step.text:
-                if filtering:
-                    for held, text in stops.push(step, step.text):
-                        emit(held, text)
-                else:
-                    emit(step, step.text)
-            if stops.stopped:
-                finish_reason = "stop_sequence"
-                break
-            if step.finish_reason is not None:
-                finish_reason = step.finish_reason
-                break
-    finally:
-        steps.close()
-    if not stops.stopped:
-        for held, text in stops.flush():
-            emit(held, text)
-    outcome = reports.outcome("".join(answer or ())) if reports is not None else Outcome()
-    job.finish(
-        Done(
-            id=request.id,
-            finish_reason=finish_reason,
-            tokens_generated=tokens,
-            prompt_tokens=len(prepared.tokens),
-            prompt_tps=last.prompt_tps if last else 0.0,
-            generation_tps=last.generation_tps if last else 0.0,
-            ttft_ms=None
-            if first_token_at is None
-            else (first_token_at - (job.started_at or job.received_at)) * 1000.0,
-            queue_ms=((job.started_at or job.received_at) - job.received_at) * 1000.0,
-            peak_memory_bytes=last.peak_memory_bytes if last else 0,
-            cached_tokens=outcome.cached_tokens,
-            tool_calls=outcome.tool_calls,
-            content=outcome.content,
-        )
-    )
+    def flush(self) -> None:
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines.clear()
+            self._write(data)
 
 
-def _emitter(job: Job, request_id: RequestId | None, answer: list[str] | None) -> Emit:
-    """Writes one token of the answer (and keeps its text when ``answer`` is
-    a list). The hot path: a token without logprobs, on a job with a line
-    writer, is encoded straight to bytes, without a ``TokenEvent``."""
-    lines = TokenLines(request_id) if job.write is not None else None
-    emit_line = job.emit_line
+class Generation:
+    """A generate/chat request from admission to ``done``."""
 
-    def emit(step: Step, text: str) -> None:
-        if answer is not None:
-            answer.append(text)
-        if lines is not None and step.logprob is None and step.top_logprobs is None:
-            emit_line(lines(text, step.token_id))
-        else:
-            job.emit(
-                TokenEvent(
-                    id=request_id,
-                    token=text,
-                    token_id=step.token_id,
-                    logprob=step.logprob,
-                    top_logprobs=step.top_logprobs,
-                )
+    def __init__(
+        self,
+        job: Job,
+        prepared: Prepared,
+        *,
+        parser: AnswerParser | None,
+        lines: LineBatch | None,
+        admitted_at: float,
+    ) -> None:
+        request = job.request
+        assert isinstance(request, Generate | Chat)
+        self.job = job
+        self.prepared = prepared
+        self._parser = parser
+        self._lines = lines if job.write is not None else None
+        self._token_lines = TokenLines(request.id) if self._lines is not None else None
+        self._stops: StopFilter[Step] = StopFilter(prepared.sampling.stop)
+        self._answer: list[str] | None = [] if parser is not None else None
+        self.admitted_at = admitted_at
+        self.cached_tokens = 0
+        self.tokens = 0
+        self.finished = False
+        self._progress = bool(getattr(request, "progress", False)) and request.id is not None
+        self._first_at: float | None = None
+        self._last_at: float | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    @property
+    def started(self) -> bool:
+        """Whether its first token has come (it is decoding, not prefilling)."""
+        return self._first_at is not None
+
+    # -- events from the engine --------------------------------------------------------
+
+    def prefilled(self, done: int, total: int) -> None:
+        rid = self.job.request.id
+        if self._progress and rid is not None and not self.finished and self._first_at is None:
+            self._send_event(ProgressEvent(id=rid, stage="prefill", done=done, total=total))
+
+    def step(self, step: Step) -> str | None:
+        """Take one engine step; returns the finish reason once the request
+        is over (the caller then removes it from the engine, unless the
+        engine ended it, and calls :meth:`finish`)."""
+        now = time.perf_counter()
+        if self._first_at is None:
+            self._first_at = now
+        self._last_at = now
+        if self.job.cancelled:
+            return "cancelled"
+        if not step.is_eos:
+            self.tokens += 1
+        if not step.is_eos or step.text:
+            if self._stops.active:
+                for held, text in self._stops.push(step, step.text):
+                    self._emit(held, text)
+            else:
+                self._emit(step, step.text)
+        if self._stops.stopped:
+            return "stop_sequence"
+        return step.finish_reason
+
+    def finish(self, reason: str, *, peak_memory: int = 0) -> None:
+        """Write what the stop filter holds, then ``done``."""
+        if self.finished:
+            return
+        self.finished = True
+        if not self._stops.stopped and reason != "cancelled":
+            for held, text in self._stops.flush():
+                self._emit(held, text)
+        if self._lines is not None:
+            self._lines.flush()
+        parsed = self._parser("".join(self._answer or ())) if self._parser is not None else None
+        job = self.job
+        start = job.started_at or self.admitted_at
+        first, last = self._first_at, self._last_at
+        fed = len(self.prepared.tokens) - self.cached_tokens
+        prompt_s = (first - start) if first is not None else 0.0
+        decode_s = (last - first) if first is not None and last is not None else 0.0
+        job.finish(
+            Done(
+                id=job.request.id,
+                finish_reason=reason,
+                tokens_generated=self.tokens,
+                prompt_tokens=len(self.prepared.tokens),
+                prompt_tps=fed / prompt_s if prompt_s > 0 else 0.0,
+                generation_tps=(self.tokens - 1) / decode_s
+                if decode_s > 0 and self.tokens > 1
+                else 0.0,
+                ttft_ms=None if first is None else (first - start) * 1000.0,
+                queue_ms=(start - job.received_at) * 1000.0,
+                peak_memory_bytes=peak_memory,
+                cached_tokens=self.cached_tokens,
+                tool_calls=parsed.tool_calls if parsed is not None else None,
+                content=parsed.content if parsed is not None else None,
             )
+        )
 
-    return emit
+    # -- output -------------------------------------------------------------------------
+
+    def _emit(self, step: Step, text: str) -> None:
+        if self._answer is not None:
+            self._answer.append(text)
+        lines = self._lines
+        if (
+            lines is not None
+            and self._token_lines is not None
+            and step.logprob is None
+            and step.top_logprobs is None
+        ):
+            if not self.job.finished:
+                lines.add(self._token_lines(text, step.token_id))
+            return
+        if lines is not None:
+            lines.flush()
+        self.job.emit(
+            TokenEvent(
+                id=self.job.request.id,
+                token=text,
+                token_id=step.token_id,
+                logprob=step.logprob,
+                top_logprobs=step.top_logprobs,
+            )
+        )
+
+    def _send_event(self, event: ProgressEvent) -> None:
+        if self._lines is not None:
+            self._lines.flush()
+        self.job.emit(event)

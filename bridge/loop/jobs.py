@@ -5,7 +5,7 @@ thread (which runs it). ``finish`` is idempotent: the first terminal line
 wins, later ones are dropped, and ``emit`` after the end writes nothing.
 
 ``write``, when given, is the same output as ``send`` for lines that are
-already encoded: the token fast path (:func:`bridge.loop.generation.run_generation`
+already encoded: the token fast path (:class:`bridge.loop.generation.Generation`
 encodes plain token lines with :class:`protocol.codec.TokenLines`).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from protocol.codec import encode_or_error
 from protocol.errors import Cancelled, WireError
-from protocol.replies import Done, ErrorReply, Reply, TokenEvent
+from protocol.replies import Done, ErrorReply, ProgressEvent, Reply, TokenEvent
 from protocol.requests import Chat, Detokenize, Generate, Info, Inspect, Load, Tokenize, Unload
 
 log = logging.getLogger("bridge.jobs")
@@ -66,7 +66,7 @@ class Job:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def emit(self, event: TokenEvent) -> None:
+    def emit(self, event: TokenEvent | ProgressEvent) -> None:
         with self._lock:
             if self._finished:
                 return

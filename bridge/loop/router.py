@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from bridge.engines.engine_protocol import Engine
 from bridge.loop.jobs import Job
-from bridge.loop.scheduler import SerialScheduler, info_reply
+from bridge.loop.scheduler import info_reply
+from bridge.loop.scheduling import Scheduler
 from bridge.loop.stdio import LineWriter, Oversized
 from protocol.codec import decode_json, decode_request_checked
 from protocol.errors import Internal, LineTooLong, RequestId, WireError
@@ -49,7 +50,7 @@ class Router:
         self,
         *,
         engine: Engine,
-        scheduler: SerialScheduler,
+        scheduler: Scheduler,
         writer: LineWriter,
         hello: HelloFactory,
         max_line_bytes: int,
@@ -85,7 +86,7 @@ class Router:
                 case Ping():
                     self._writer.send(Pong(id=request.id))
                 case Info() if not self._scheduler.model_change_pending():
-                    self._writer.send(info_reply(self._engine, request))
+                    self._writer.send(info_reply(self._engine, request, self._scheduler.stats()))
                 case Cancel():
                     self._scheduler.cancel(request.id)
                 case (

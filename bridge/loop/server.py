@@ -17,7 +17,8 @@ from typing import BinaryIO
 from bridge.engines.engine_protocol import Engine
 from bridge.loop.jobs import Job
 from bridge.loop.router import Router
-from bridge.loop.scheduler import SerialScheduler
+from bridge.loop.scheduler import DEFAULT_MAX_CONCURRENCY, BatchScheduler
+from bridge.loop.scheduling import Scheduler
 from bridge.loop.signals import StopSignals
 from bridge.loop.stdio import LineWriter, claim_stdout, read_lines
 from bridge.versions import package_versions
@@ -42,6 +43,9 @@ class ServeOptions:
     strict: bool = False
     preload: str | None = None
     max_prompt_tokens: int | None = None  # reported in hello's limits when set
+    # Sequences decoded together (--max-concurrency); reported in hello.
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    prefill_chunk_tokens: int | None = None  # reported in hello's limits when set
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
     # Reported only when installed: their absence tells the host something.
     optional_versions: tuple[str, ...] = ("mlx-vlm",)
@@ -69,8 +73,15 @@ def serve(
     if protocol_fd is None:
         protocol_fd = claim_stdout()
     stdin = stdin if stdin is not None else sys.stdin.buffer
-    scheduler = SerialScheduler(engine, max_queue=options.max_queue)
-    writer = LineWriter(protocol_fd, on_broken=lambda: _exit_soon(scheduler))
+    schedulers: list[Scheduler] = []
+    writer = LineWriter(protocol_fd, on_broken=lambda: _exit_soon(schedulers[0]))
+    scheduler = BatchScheduler(
+        engine,
+        max_queue=options.max_queue,
+        max_concurrency=options.max_concurrency,
+        write=writer.write,
+    )
+    schedulers.append(scheduler)
     if on_writer is not None:
         on_writer(writer.write)
     versions: dict[str, str] = {}
@@ -78,7 +89,10 @@ def serve(
         "max_line_bytes": options.max_line_bytes,
         "max_queue": options.max_queue,
         "max_logprobs": MAX_LOGPROBS,
+        "max_concurrency": options.max_concurrency,
     }
+    if options.prefill_chunk_tokens:
+        limits["prefill_chunk_tokens"] = options.prefill_chunk_tokens
     if options.max_prompt_tokens:
         limits["max_prompt_tokens"] = options.max_prompt_tokens
 
@@ -145,7 +159,7 @@ def _log_preload(reply: Reply) -> None:
         log.info("--model: %s", reply.to_wire())
 
 
-def _exit_soon(scheduler: SerialScheduler) -> None:
+def _exit_soon(scheduler: Scheduler) -> None:
     """Nobody reads our output any more: stop work and leave."""
 
     def leave() -> None:

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable
+from typing import Any
 
+from bridge.engines.engine_protocol import LoadStep
 from protocol.replies import MemoryStats, PromptCacheStats
 
-__all__ = ["available_memory", "clear_streams", "free_cache", "memory_stats"]
+__all__ = [
+    "available_memory",
+    "clear_streams",
+    "free_cache",
+    "kv_budget",
+    "memory_stats",
+    "read_weights",
+]
 
 
 def memory_stats(prompt_cache: PromptCacheStats | None = None) -> MemoryStats:
@@ -57,3 +67,45 @@ def clear_streams() -> None:
     mx = sys.modules.get("mlx.core")
     if mx is not None:
         mx.clear_streams()
+
+
+def kv_budget(budget: int | None, *, weights: int, share: float) -> int:
+    """Bytes the KV caches of all running sequences may take, right after a
+    load: ``budget`` (``--memory-budget``) less the weights when set, else
+    ``share`` of the memory still free (the GPU's on CUDA, the system's on
+    the CPU and on Apple silicon's unified memory)."""
+    if budget is not None:
+        return max(0, budget - weights)
+    import mlx.core as mx
+
+    free = available_memory(None, freed=0)
+    if mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available():
+        total = mx.device_info().get("memory_size")
+        if isinstance(total, int) and total > 0:
+            free = total - int(mx.get_active_memory())
+    return max(0, int(free * share))
+
+
+def read_weights(model: Any, total: int, report: Callable[[LoadStep], None]) -> None:
+    """Evaluate a lazily loaded model's parameters (reading the weights from
+    disk), in about 16 groups, reporting the bytes read after each."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    leaves = [v for _, v in tree_flatten(model.parameters())]
+    group = max(1, total // 16)
+    done = 0
+    pending: list[Any] = []
+    pending_bytes = 0
+    for leaf in leaves:
+        pending.append(leaf)
+        pending_bytes += int(leaf.nbytes)
+        if pending_bytes >= group:
+            mx.eval(pending)
+            done += pending_bytes
+            pending, pending_bytes = [], 0
+            report(LoadStep(step="weights", done=done, total=max(total, done), unit="bytes"))
+    if pending:
+        mx.eval(pending)
+        done += pending_bytes
+    report(LoadStep(step="weights", done=done, total=max(total, done), unit="bytes"))

@@ -2,23 +2,36 @@
 
 MLX does not check token ids against the vocabulary (an id out of range
 corrupts memory), so ``fit_vocab`` and ``check_token_ids`` do, with an error
-that names the field. ``make_sampling`` turns :class:`~protocol.requests.Sampling`
-into mlx-lm's sampler and logits processors (mlx-vlm samples with mlx-lm's
-too), and ``step_logprobs`` reports one step's log-probabilities.
+that names the field. ``make_sequence_sampling`` turns
+:class:`~protocol.requests.Sampling` into mlx-lm's sampler and logits
+processors for one sequence (mlx-vlm samples with mlx-lm's too), and
+``step_logprobs`` reports one step's log-probabilities.
+
+No request touches MLX's global generator: a seeded request draws from its
+own keys (:class:`SeededSampler`), so that requests decoded together never
+change each other's tokens.
 
 MLX and mlx-lm are imported lazily, on the engine thread.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from protocol.errors import InvalidRequest
 from protocol.replies import TopLogprob
 from protocol.requests import Detokenize, GenerationRequest, Sampling
 
-__all__ = ["check_token_ids", "fit_vocab", "make_sampling", "step_logprobs"]
+__all__ = [
+    "SeededSampler",
+    "SequenceSampling",
+    "check_token_ids",
+    "fit_vocab",
+    "make_sequence_sampling",
+    "step_logprobs",
+]
 
 
 def fit_vocab(request: GenerationRequest, vocab: int) -> Sampling:
@@ -44,23 +57,6 @@ def check_token_ids(request: Detokenize, vocab: int) -> None:
             )
 
 
-def make_sampling(s: Sampling) -> tuple[Any, list[Any]]:
-    """mlx-lm's sampler and logits processors for ``s``, after seeding MLX's
-    generator when ``s`` names a seed."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    if s.seed is not None:
-        mx.random.seed(s.seed)
-    sampler = make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
-    processors = make_logits_processors(
-        logit_bias=dict(s.logit_bias) or None,
-        repetition_penalty=s.repetition_penalty,
-        repetition_context_size=s.repetition_context_size,
-    )
-    return sampler, processors
-
-
 def step_logprobs(
     logprobs: Any, token: int, top_n: int, tokenizer: Any
 ) -> tuple[float | None, tuple[TopLogprob, ...] | None]:
@@ -79,3 +75,118 @@ def step_logprobs(
         for t, v in ranked
     )
     return float(logprobs[token].item()), top
+
+
+@dataclass(eq=False, slots=True)
+class SequenceSampling:
+    """One sequence's sampler and logits processors, for either decoding lane.
+
+    ``sampler`` is shared with every other sequence of the same options when
+    it draws from MLX's global generator (so that ``BatchGenerator`` samples
+    those rows in one call); a seeded request gets its own
+    :class:`SeededSampler`. ``at`` tells a seeded sampler where the sequence
+    is, when it moves between lanes.
+    """
+
+    sampler: Any
+    processors: list[Any]
+    seeded: SeededSampler | None = None
+    context: int = 0  # prompt tokens the processors look back over
+
+    def at(self, position: int) -> None:
+        if self.seeded is not None:
+            self.seeded.position = position
+
+    def processors_after(self, history: Sequence[int]) -> list[Any]:
+        """The processors, seeing ``history`` (tokens already in the cache)
+        before the tokens ``generate_step`` passes them."""
+        if not self.processors or not history or not self.context:
+            return list(self.processors)
+        import mlx.core as mx
+
+        past = mx.array(list(history[-self.context :]))
+        return [_with_history(p, past) for p in self.processors]
+
+
+class SeededSampler:
+    """A sampler with its own PRNG keys: the *n*-th token a sequence samples
+    uses key *n* of its seed, whatever else shares the batch or the process.
+
+    mlx-lm's samplers draw from MLX's global generator (``mx.random.seed``
+    is process-wide), so two seeded requests decoded together would change
+    each other's tokens. This one applies mlx-lm's own filters (top-p, min-p,
+    top-k) and draws with ``mx.random.categorical(..., key=…)``.
+    """
+
+    def __init__(self, s: Sampling, seed: int) -> None:
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        filters: list[Any] = []
+        if 0 < s.top_p < 1.0:
+            filters.append(lambda x: apply_top_p(x, s.top_p))
+        if s.min_p != 0.0:
+            filters.append(lambda x: apply_min_p(x, s.min_p, 1))
+        if s.top_k > 0:
+            filters.append(lambda x: apply_top_k(x, s.top_k))
+        self._filters = filters
+        self._scale = 1.0 / s.temperature
+        # one key per token, and one for each lane's token computed ahead
+        self._keys = mx.random.split(mx.random.key(seed), s.max_tokens + 2)
+        self.position = 0
+
+    def __call__(self, logprobs: Any) -> Any:
+        import mlx.core as mx
+
+        for f in self._filters:
+            logprobs = f(logprobs)
+        key = self._keys[min(self.position, self._keys.shape[0] - 1)]
+        self.position += 1
+        return mx.random.categorical(logprobs * self._scale, key=key)
+
+
+def make_sequence_sampling(s: Sampling) -> SequenceSampling:
+    from mlx_lm.sample_utils import make_logits_processors
+
+    processors = make_logits_processors(
+        logit_bias=dict(s.logit_bias) or None,
+        repetition_penalty=s.repetition_penalty,
+        repetition_context_size=s.repetition_context_size,
+    )
+    context = s.repetition_context_size if s.repetition_penalty else 0
+    if s.temperature > 0 and s.seed is not None:
+        seeded = SeededSampler(s, s.seed)
+        return SequenceSampling(
+            sampler=seeded, processors=processors, seeded=seeded, context=context
+        )
+    return SequenceSampling(sampler=_shared_sampler(s), processors=processors, context=context)
+
+
+_SHARED: dict[tuple[float, float, float, int], Any] = {}
+
+
+def _shared_sampler(s: Sampling) -> Any:
+    """mlx-lm's sampler for ``s``'s options, one object per distinct options
+    (``BatchGenerator`` samples rows that share a sampler object in one call)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    key = (s.temperature, s.top_p, s.min_p, s.top_k)
+    sampler = _SHARED.get(key)
+    if sampler is None:
+        if len(_SHARED) >= 64:
+            _SHARED.clear()
+        sampler = _SHARED[key] = make_sampler(
+            temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k
+        )
+    return sampler
+
+
+def _with_history(processor: Any, history: Any) -> Any:
+    """``processor`` seeing ``history`` (tokens already in the cache) before
+    the tokens ``generate_step`` passes it, as it would have without the cache."""
+    import mlx.core as mx
+
+    def call(tokens: Any, logits: Any) -> Any:
+        return processor(mx.concatenate([history, tokens]), logits)
+
+    return call

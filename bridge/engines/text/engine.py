@@ -8,26 +8,39 @@ before MLX has finished importing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
-from bridge.engines.detokenizer import for_tokenizer
-from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.engines.engine_protocol import (
+    AnswerParser,
+    KvShape,
+    LoadStep,
+    Prepared,
+    ReportLoad,
+)
 from bridge.engines.mlx.facts import model_facts
 from bridge.engines.mlx.install import mlx_problem, require_mlx
-from bridge.engines.mlx.memory import available_memory, clear_streams, free_cache, memory_stats
-from bridge.engines.mlx.sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
+from bridge.engines.mlx.memory import (
+    available_memory,
+    clear_streams,
+    free_cache,
+    kv_budget,
+    memory_stats,
+    read_weights,
+)
+from bridge.engines.mlx.sampling import check_token_ids, fit_vocab
 from bridge.engines.prompt_tokens import encode_prompt
+from bridge.engines.text.decoder import TextDecoder
 from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
     PromptCacheStore,
 )
 from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
-from bridge.loop.generation import Outcome
+from bridge.model_dir.config import kv_cache_bytes
 from bridge.model_dir.files import ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
@@ -52,39 +65,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.engine")
 
-# Prompt tokens per prefill chunk. Cancel is checked between chunks, so this
-# bounds how long a cancel waits during prefill.
-DEFAULT_PREFILL_STEP = 256
-
-
-class _Aborted(Exception):
-    """Raised from mlx-lm's prompt-progress callback to stop a prefill."""
-
-
-@dataclass(slots=True)
-class _Usage:
-    """Filled in by ``generate``; read by ``outcome`` afterwards (same thread)."""
-
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MlxPrepared(Prepared):
-    """A prepared request plus its prompt-cache slot and tool-call parsing."""
-
-    cache_key: str | None = None
-    tool_format: ToolCallFormat | None = None
-    tools: tuple[Mapping[str, JsonValue], ...] | None = None
-    usage: _Usage = field(default_factory=_Usage)
-
-    def outcome(self, answer: str) -> Outcome:
-        cached = self.usage.cached_tokens
-        if self.tool_format is None:
-            return Outcome(cached_tokens=cached)
-        parsed = parse_answer(answer, self.tool_format, self.tools)
-        if parsed is None:
-            return Outcome(cached_tokens=cached)
-        return Outcome(cached_tokens=cached, tool_calls=parsed.tool_calls, content=parsed.content)
+# Prompt tokens per prefill chunk. One chunk runs between two decode steps
+# of the batch, so this bounds both how long the other streams stall while a
+# prompt is admitted and how long a cancel waits during prefill (see
+# docs/benchmarks.md for the measurements behind it).
+DEFAULT_PREFILL_STEP = 512
+# New sequences prefilled together in one chunk (mlx-lm's default is 8).
+DEFAULT_PREFILL_BATCH = 8
+# Sequences decoded together, unless --max-concurrency says otherwise.
+DEFAULT_MAX_CONCURRENCY = 32
+# Share of the free memory after a load that KV caches may take in all, when
+# no --memory-budget is given (the rest is for activations and MLX's buffers).
+KV_SHARE = 0.8
 
 
 @dataclass(slots=True)
@@ -94,6 +86,7 @@ class _Loaded:
     facts: ModelFacts
     weights_bytes: int
     max_kv_size: int | None
+    kv: KvShape
 
 
 class MlxLmEngine:
@@ -106,8 +99,12 @@ class MlxLmEngine:
         prompt_cache_bytes: int = DEFAULT_MAX_BYTES,
         trust_remote_code: bool = False,
         max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        prefill_batch_size: int = DEFAULT_PREFILL_BATCH,
     ) -> None:
         self._prefill_step_size = prefill_step_size
+        self._max_concurrency = max_concurrency
+        self._prefill_batch_size = prefill_batch_size
         self._trust_remote_code = trust_remote_code  # --trust-remote-code
         self._max_prompt_tokens = max_prompt_tokens
         self._memory_budget = memory_budget
@@ -121,37 +118,51 @@ class MlxLmEngine:
     def warm_up(self) -> None:
         mlx_problem()  # imports MLX and mlx-lm, or logs one line saying what to install
 
-    def load(self, request: Load) -> ModelFacts:
+    def load(self, request: Load, report: ReportLoad | None = None) -> ModelFacts:
         require_mlx(request.id)
         remote_code_allowed(request, worker_allows=self._trust_remote_code)  # before any read
-        return self.load_checked(request, open_model(request.path, request.adapter_path))
+        files = open_model(request.path, request.adapter_path)
+        return self.load_checked(request, files, report)
 
-    def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:
+    def load_checked(
+        self, request: Load, files: ModelFiles, report: ReportLoad | None = None
+    ) -> ModelFacts:
+        say = report or _silent
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory, needed = files.directory, files.weights_bytes
         adapter = str(files.adapter) if files.adapter is not None else None
         check_fits(
             files.footprint(request.context_len), self._available_memory(), force=request.force
         )
+        say(LoadStep(step="checking"))
         self.unload()
 
         import mlx_lm
 
         try:
             with CodeGuard(directory, allowed=trust, request_id=request.id):
+                say(LoadStep(step="weights", done=0, total=needed, unit="bytes"))
                 model, tokenizer, config = mlx_lm.load(
                     str(directory),
                     adapter_path=adapter,
                     tokenizer_config={"trust_remote_code": trust},
                     return_config=True,
                     trust_remote_code=trust,
+                    lazy=True,
                 )
+                say(LoadStep(step="tokenizer"))
+                read_weights(model, needed, say)
         except LoadFailed:
             raise
         except Exception as exc:
             raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
         facts = model_facts(model, config, path=str(directory), context_len=request.context_len)
-        self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len)
+        kv = KvShape(
+            bytes_per_token=kv_cache_bytes(files.config, files.weights, 1),
+            budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
+        )
+        self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len, kv)
+        say(LoadStep(step="ready"))
         log.info("loaded %s (%s, %d layers)", directory, facts.model_type, facts.layers)
         return facts
 
@@ -198,100 +209,27 @@ class MlxLmEngine:
         sampling = limits.check(
             len(tokens), field=field_name, sampling=sampling, request_id=request.id
         )
-        return MlxPrepared(
+        return Prepared(
             tokens=tuple(tokens),
             sampling=sampling,
             cache_key=request.cache_key,
-            tool_format=tool_format,
-            tools=tools,
+            answer_parser=_answer_parser(tool_format, tools),
         )
 
-    def generate(
-        self, prepared: Prepared, should_abort: ShouldAbort
-    ) -> Generator[Step, None, None]:
+    def decoder(self) -> TextDecoder:
         loaded = self._loaded
         if loaded is None:
             raise NoModel("no model loaded")
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.models.cache import make_prompt_cache
-
-        s = prepared.sampling
-        sampler, processors = make_sampling(s)
-
-        def progress(done: int, total: int) -> None:
-            if should_abort():
-                raise _Aborted
-
-        prompt = prepared.tokens
-        key = prepared.cache_key if isinstance(prepared, MlxPrepared) else None
-        reuse = self._caches.take(key, prompt)
-        cache = reuse.cache
-        if cache is None:
-            cache = make_prompt_cache(loaded.model, max_kv_size=loaded.max_kv_size)
-        if isinstance(prepared, MlxPrepared):
-            prepared.usage.cached_tokens = reuse.cached
-        if reuse.cached and s.repetition_penalty:
-            # The penalty looks back over prompt tokens too: give it the cached ones.
-            start = max(0, reuse.cached - s.repetition_context_size)
-            history = mx.array(prompt[start : reuse.cached])
-            processors = [_with_history(p, history) for p in processors]
-
-        tokenizer = loaded.tokenizer
-        eos = tokenizer.eos_token_ids
-        # mlx-lm's own text (r.text) is not used: its BPE detokenizer drops
-        # the first token's space, and the stream must join up to detokenize
-        text = for_tokenizer(tokenizer)
-        fed = list(prompt)  # every token the cache may hold, in order
-        keep = False  # whether the cache is in a known state when this ends
-        responses = stream_generate(
+        return TextDecoder(
             loaded.model,
-            tokenizer,
-            mx.array(prompt[reuse.cached :]),
-            max_tokens=s.max_tokens,
-            sampler=sampler,
-            logits_processors=processors or None,
-            prompt_cache=cache,
-            prompt_progress_callback=progress,
+            loaded.tokenizer,
+            caches=self._caches,
+            capacity=self._max_concurrency,
             prefill_step_size=self._prefill_step_size,
+            prefill_batch_size=self._prefill_batch_size,
+            max_kv_size=loaded.max_kv_size,
+            kv=loaded.kv,
         )
-        try:
-            for r in responses:
-                token = r.token
-                fed.append(token)
-                is_eos = r.finish_reason == "stop" and token in eos
-                piece = "" if is_eos else text.add(token)
-                if r.finish_reason is not None:
-                    piece += text.finish()
-                logprob, top = step_logprobs(r.logprobs, token, s.logprobs, tokenizer)
-                yield Step(
-                    text=piece,
-                    token_id=token,
-                    is_eos=is_eos,
-                    finish_reason=r.finish_reason,
-                    logprob=logprob,
-                    top_logprobs=top,
-                    prompt_tps=r.prompt_tps,
-                    generation_tps=r.generation_tps,
-                    peak_memory_bytes=int(r.peak_memory * 1e9),
-                )
-            keep = True
-        except _Aborted:
-            keep = True
-            return
-        except GeneratorExit:  # the consumer stopped reading: cancel, stop string, length
-            keep = True
-            raise
-        finally:
-            responses.close()
-            if keep:
-                self._keep_cache(key, fed, cache)
-
-    def _keep_cache(self, key: str | None, fed: list[int], cache: list[Any]) -> None:
-        try:
-            self._caches.put(key, fed, cache)
-        except Exception:  # losing a warm cache must not fail the request
-            log.exception("prompt cache: could not keep slot %r", key)
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
         tokenizer = self._require(request).tokenizer
@@ -426,12 +364,15 @@ def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[s
     return out
 
 
-def _with_history(processor: Any, history: Any) -> Any:
-    """``processor`` seeing ``history`` (cached prompt tokens) before the tokens
-    mlx-lm passes it, as it would have in a run without the prompt cache."""
-    import mlx.core as mx
+def _silent(step: LoadStep) -> None:
+    pass
 
-    def call(tokens: Any, logits: Any) -> Any:
-        return processor(mx.concatenate([history, tokens]), logits)
 
-    return call
+def _answer_parser(
+    tool_format: ToolCallFormat | None, tools: tuple[Mapping[str, JsonValue], ...] | None
+) -> AnswerParser | None:
+    """Finds tool calls in a finished answer, when the request declared tools
+    and mlx-lm knows the model's tool-call format."""
+    if tool_format is None:
+        return None
+    return partial(parse_answer, fmt=tool_format, tools=tools)

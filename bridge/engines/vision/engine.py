@@ -26,7 +26,6 @@ mlx, mlx-vlm and Pillow are imported lazily, on the engine thread.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -34,11 +33,24 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits
 from bridge.engines.detokenizer import for_tokenizer
-from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
+from bridge.engines.engine_protocol import (
+    Decoder,
+    LoadStep,
+    Prepared,
+    ReportLoad,
+    ShouldAbort,
+    Step,
+)
 from bridge.engines.mlx.facts import model_facts
 from bridge.engines.mlx.memory import available_memory, clear_streams, free_cache, memory_stats
-from bridge.engines.mlx.sampling import check_token_ids, fit_vocab, make_sampling, step_logprobs
+from bridge.engines.mlx.sampling import (
+    check_token_ids,
+    fit_vocab,
+    make_sequence_sampling,
+    step_logprobs,
+)
 from bridge.engines.prompt_tokens import encode_prompt
+from bridge.engines.solo import SoloDecoder
 from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
 from bridge.engines.vision.images import ImagePolicy, image_parts, load_images
 from bridge.model_dir.files import ModelFiles, check_fits, open_model
@@ -128,11 +140,17 @@ class MlxVlmEngine:
     def warm_up(self) -> None:
         import mlx.core  # noqa: F401
 
-    def load(self, request: Load) -> ModelFacts:
+    def load(self, request: Load, report: ReportLoad | None = None) -> ModelFacts:
         remote_code_allowed(request, worker_allows=self._trust_remote_code)  # before any read
-        return self.load_checked(request, open_model(request.path, request.adapter_path))
+        files = open_model(request.path, request.adapter_path)
+        return self.load_checked(request, files, report)
 
-    def load_checked(self, request: Load, files: ModelFiles) -> ModelFacts:
+    def load_checked(
+        self, request: Load, files: ModelFiles, report: ReportLoad | None = None
+    ) -> ModelFacts:
+        """Loads in one call to mlx-vlm: ``report`` hears ``checking``, the
+        weights' bytes at 0 and when read, and ``ready``."""
+        say = report or _silent
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory, needed = files.directory, files.weights_bytes
         adapter = str(files.adapter) if files.adapter is not None else None
@@ -140,7 +158,9 @@ class MlxVlmEngine:
             files.footprint(request.context_len), self._available_memory(), force=request.force
         )
         require_mlx_vlm(request.path)
+        say(LoadStep(step="checking"))
         self.unload()
+        say(LoadStep(step="weights", done=0, total=needed, unit="bytes"))
 
         import mlx_vlm
         from mlx_vlm.utils import load_config
@@ -169,6 +189,8 @@ class MlxVlmEngine:
             needed,
             request.context_len,
         )
+        say(LoadStep(step="weights", done=needed, total=needed, unit="bytes"))
+        say(LoadStep(step="ready"))
         log.info(
             "loaded vision model %s (%s, %d layers)", directory, facts.model_type, facts.layers
         )
@@ -210,6 +232,10 @@ class MlxVlmEngine:
                     )
                 return self._prepare_chat(loaded, request, limits, sampling)
 
+    def decoder(self) -> Decoder:
+        """One vision sequence at a time (mlx-vlm's batch generator is not used yet)."""
+        return SoloDecoder(self.generate, _peak_memory)
+
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
     ) -> Generator[Step, None, None]:
@@ -222,7 +248,8 @@ class MlxVlmEngine:
         from mlx_vlm.models import cache
 
         s = prepared.sampling
-        sampler, processors = make_sampling(s)
+        sampling = make_sequence_sampling(s)
+        sampler, processors = sampling.sampler, sampling.processors
         if isinstance(prepared, VisionPrepared):
             pixel_values, mask, extra = prepared.pixel_values, prepared.mask, dict(prepared.extra)
         else:
@@ -256,13 +283,8 @@ class MlxVlmEngine:
                 prompt_cache_checkpoint_lengths=list(range(step_size, n_prompt, step_size)),
                 **extra,
             )
-            tic = time.perf_counter()
-            prompt_tps = 0.0
             try:
                 for n, (token, logprobs) in enumerate(steps):
-                    if n == 0:
-                        prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
-                        tic = time.perf_counter()
                     token = int(token)
                     eos = bool(stopping(token))
                     last = eos or n + 1 == s.max_tokens
@@ -277,9 +299,6 @@ class MlxVlmEngine:
                         finish_reason=("stop" if eos else "length") if last else None,
                         logprob=logprob,
                         top_logprobs=top,
-                        prompt_tps=prompt_tps,
-                        generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
-                        peak_memory_bytes=int(mx.get_peak_memory()),
                     )
                     if last:
                         break
@@ -473,3 +492,13 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _silent(step: LoadStep) -> None:
+    pass
+
+
+def _peak_memory() -> int:
+    import mlx.core as mx
+
+    return int(mx.get_peak_memory())
