@@ -1,20 +1,22 @@
-"""The generation loop's output, at the seam: a fake engine in, the bytes of a job out.
+"""A generation's output, at the seam: engine steps in, the bytes of a job out.
 
-The token fast path (``Job.write`` with :class:`protocol.codec.TokenLines`)
+The token fast path (``Job.write`` with :class:`protocol.codec.TokenLines`,
+batched per scheduler step by :class:`~bridge.loop.generation.LineBatch`)
 must write exactly what the general path (``Job.send`` of a ``TokenEvent``)
-writes, each token as soon as it exists, and nothing after the terminal line.
-No model: these run without MLX.
+writes, each step's tokens before the next step, and nothing after the
+terminal line. No model: these run without MLX.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Sequence
 
 import orjson
 import pytest
 
 from bridge.engines.engine_protocol import Prepared, ShouldAbort, Step
-from bridge.loop.generation import run_generation
+from bridge.loop.generation import Generation, LineBatch
 from bridge.loop.jobs import Job
 from protocol.codec import encode
 from protocol.replies import Reply, TopLogprob
@@ -61,8 +63,27 @@ def run(request: Generate, steps: Sequence[Step], *, fast: bool) -> tuple[list[b
 
     engine = FakeEngine(steps, out)
     job = Job(request=request, send=send, write=out.append if fast else None)
-    run_generation(engine, job)  # type: ignore[arg-type]
+    drive(engine, job)
     return out, engine
+
+
+def drive(engine: FakeEngine, job: Job) -> None:
+    """What the scheduler does for one sequence: step, flush the step's lines, finish."""
+    assert isinstance(job.request, Generate)
+    prepared = engine.prepare(job.request)
+    lines = LineBatch(job.write) if job.write is not None else None
+    generation = Generation(
+        job, prepared, parser=None, lines=lines, admitted_at=time.perf_counter()
+    )
+    reason = "cancelled"
+    for step in engine.generate(prepared, job.cancel_check):
+        ended = generation.step(step)
+        if lines is not None:
+            lines.flush()
+        if ended is not None:
+            reason = ended
+            break
+    generation.finish(reason)
 
 
 def generate(**fields: object) -> Generate:
@@ -112,5 +133,5 @@ def test_a_cancelled_job_stops_at_the_next_step() -> None:
     out: list[bytes] = []
     job = Job(request=generate(id=1), send=lambda r: out.append(encode(r)), write=out.append)
     job.cancel()
-    run_generation(FakeEngine(STEPS, out), job)  # type: ignore[arg-type]
+    drive(FakeEngine(STEPS, out), job)
     assert [orjson.loads(line)["type"] for line in out] == ["done"]

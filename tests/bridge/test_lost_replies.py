@@ -18,7 +18,7 @@ import pytest
 
 from bridge.loop.jobs import Job
 from bridge.loop.router import Router
-from bridge.loop.scheduler import SerialScheduler
+from bridge.loop.scheduler import BatchScheduler
 from bridge.loop.stdio import LineWriter
 from protocol.codec import Unencodable, encode, encode_or_error
 from protocol.replies import Done, HelloReply, Pong, Reply, TokenEvent, TokensReply
@@ -160,7 +160,7 @@ def test_a_failure_on_the_stdin_thread_is_answered_and_the_next_line_served(
     pipe: Pipe,
 ) -> None:
     engine = BrokenFactsEngine()
-    scheduler = SerialScheduler(engine)  # type: ignore[arg-type]
+    scheduler = BatchScheduler(engine)  # type: ignore[arg-type]
 
     def hello(rid: str | int | None) -> HelloReply:
         raise ValueError("hello exploded")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bridge.loop import scheduler as scheduler_module
-from bridge.loop.scheduler import SerialScheduler
+from bridge.loop.scheduler import BatchScheduler
 from mock_worker.engine import ScriptedEngine
 
 pytestmark = pytest.mark.timeout(10)
@@ -26,7 +26,7 @@ class RecordingEngine(ScriptedEngine):
 
 def test_warm_up_waits_for_the_first_line() -> None:
     engine = RecordingEngine()
-    scheduler = SerialScheduler(engine)
+    scheduler = BatchScheduler(engine)
     scheduler.start()
     try:
         assert not engine.warmed.wait(0.2)
@@ -39,7 +39,7 @@ def test_warm_up_waits_for_the_first_line() -> None:
 def test_warm_up_starts_after_a_silence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scheduler_module, "WARM_UP_IDLE_S", 0.05)
     engine = RecordingEngine()
-    scheduler = SerialScheduler(engine)
+    scheduler = BatchScheduler(engine)
     started = time.monotonic()
     scheduler.start()
     try:
@@ -51,7 +51,7 @@ def test_warm_up_starts_after_a_silence(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_no_warm_up_when_shut_down_first() -> None:
     engine = RecordingEngine()
-    scheduler = SerialScheduler(engine)
+    scheduler = BatchScheduler(engine)
     scheduler.start()
     assert scheduler.shutdown(2.0)
     assert not engine.warmed.is_set()

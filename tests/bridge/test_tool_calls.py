@@ -24,7 +24,8 @@ import orjson
 import pytest
 
 from bridge import demo_model
-from bridge.engines.text.engine import MlxLmEngine, MlxPrepared
+from bridge.engines.engine_protocol import Prepared
+from bridge.engines.text.engine import MlxLmEngine
 from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 from protocol.codec import decode_request
 from protocol.errors import InvalidRequest
@@ -255,12 +256,11 @@ def engine() -> Iterator[MlxLmEngine]:
     engine.unload()
 
 
-def rendered(engine: MlxLmEngine, path: Path, request: dict[str, Any]) -> tuple[str, MlxPrepared]:
+def rendered(engine: MlxLmEngine, path: Path, request: dict[str, Any]) -> tuple[str, Prepared]:
     engine.load(Load(path=str(path)))
     chat = decode_request(orjson.dumps({"cmd": "chat", "id": "r", **request}))
     assert isinstance(chat, Chat)
     prepared = engine.prepare(chat)
-    assert isinstance(prepared, MlxPrepared)
     return engine.detokenize(Detokenize(tokens=prepared.tokens)), prepared
 
 
@@ -278,7 +278,7 @@ def test_qwen_template_renders_tools_calls_and_results(
         "<tool_response>\nrain\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert prepared.tool_format is not None and prepared.tools is not None
+    assert prepared.answer_parser is not None
 
 
 def test_pythonic_template_renders_tools_calls_and_results(
@@ -301,7 +301,7 @@ def test_tools_for_a_model_without_a_tool_format(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="bridge.engine"):
         text, prepared = rendered(engine, tiny_model, {"messages": HISTORY[:1], "tools": TOOLS})
-    assert prepared.tool_format is None
+    assert prepared.answer_parser is None
     assert "knows no tool-call format" in caplog.text
     assert (
         text == "<|im_start|>user\nWeather in Paris and Zürich?<|im_end|>\n<|im_start|>assistant\n"
@@ -310,8 +310,7 @@ def test_tools_for_a_model_without_a_tool_format(
 
 def test_without_tools_nothing_is_parsed(engine: MlxLmEngine, qwen_model: Path) -> None:
     _, prepared = rendered(engine, qwen_model, {"messages": HISTORY[:1]})
-    assert prepared.tool_format is None
-    assert prepared.outcome(QWEN_CALL).tool_calls is None
+    assert prepared.answer_parser is None
 
 
 # -- the wire ---------------------------------------------------------------------------------
