@@ -11,18 +11,21 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import orjson
 
+from protocol.replies import NON_TERMINAL_TYPES
 from supervisor.settings import module_command
 from tests.schema_check import validate_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 Line = dict[str, Any]
+# Lines that do not end a request (protocol.replies.NON_TERMINAL_TYPES).
+NON_TERMINAL = NON_TERMINAL_TYPES
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -108,8 +111,26 @@ class WorkerProcess:
             if line.get("id") != request_id:
                 raise AssertionError(f"line for another request: {line}")
             out.append(line)
-            if line["type"] != "token":
+            if line["type"] not in NON_TERMINAL:
                 return out
+
+    def collect(
+        self, request_ids: Iterable[object], timeout: float = 60.0
+    ) -> dict[object, list[Line]]:
+        """Every line of requests in flight together, by id, until each has its
+        terminal line (lines of other requests are an error)."""
+        deadline = time.monotonic() + timeout
+        left = set(request_ids)
+        out: dict[object, list[Line]] = {rid: [] for rid in left}
+        while left:
+            line = self.read(max(0.01, deadline - time.monotonic()))
+            rid = line.get("id")
+            if rid not in out:
+                raise AssertionError(f"line for another request: {line}")
+            out[rid].append(line)
+            if line["type"] not in NON_TERMINAL:
+                left.discard(rid)
+        return out
 
     def request(self, request: Mapping[str, Any], timeout: float = 60.0) -> list[Line]:
         self.send(request)

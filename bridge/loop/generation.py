@@ -100,12 +100,12 @@ class Generation:
         """Take one engine step; returns the finish reason once the request
         is over (the caller then removes it from the engine, unless the
         engine ended it, and calls :meth:`finish`)."""
+        if self.job.cancelled:  # a token that came after the cancel is not part of it
+            return "cancelled"
         now = time.perf_counter()
         if self._first_at is None:
             self._first_at = now
         self._last_at = now
-        if self.job.cancelled:
-            return "cancelled"
         if not step.is_eos:
             self.tokens += 1
         if not step.is_eos or step.text:

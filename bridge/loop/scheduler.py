@@ -168,7 +168,7 @@ class BatchScheduler:
                 raise ShuttingDown("worker is shutting down", request_id=rid)
             if rid is not None and rid in self._by_id:
                 raise DuplicateId(f"id: {rid!r} is already in flight", request_id=rid)
-            if len(self._queue) >= self._max_queue:
+            if len(self._queue) + (self._head is not None) >= self._max_queue:
                 raise Busy(
                     f"queue is full ({self._max_queue} requests waiting; --max-queue)",
                     request_id=rid,
@@ -272,12 +272,14 @@ class BatchScheduler:
             if self._head is not None:
                 job, prepared = self._head
                 if job.cancelled:
-                    self._head = None
+                    with self._cond:
+                        self._head = None
                     job.finish_cancelled()
                     continue
                 if not self._admit(job, prepared):
                     return
-                self._head = None
+                with self._cond:
+                    self._head = None
                 continue
             with self._cond:
                 if not self._queue:
@@ -296,7 +298,8 @@ class BatchScheduler:
             if generation:
                 ready = self._prepare(job)
                 if ready is not None and not self._admit(job, ready):
-                    self._head = (job, ready)
+                    with self._cond:
+                        self._head = (job, ready)
                     return
             else:
                 if model_change:

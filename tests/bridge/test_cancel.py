@@ -48,34 +48,34 @@ def test_cancel_during_prefill(loaded_worker: WorkerProcess) -> None:
     assert elapsed < 1.0, f"cancel took {elapsed:.3f}s"
 
 
-def test_cancel_queued_request_leaves_the_running_one(loaded_worker: WorkerProcess) -> None:
+def test_cancel_of_one_leaves_the_other(loaded_worker: WorkerProcess) -> None:
     loaded_worker.send({"cmd": "generate", "id": "a", "prompt": "x", "max_tokens": 200})
     loaded_worker.send({"cmd": "generate", "id": "b", "prompt": "y", "max_tokens": 200})
     loaded_worker.send({"cmd": "cancel", "id": "b"})
-    seen: dict[str, list[dict[str, object]]] = {"a": [], "b": []}
-    while not (seen["a"] and seen["a"][-1]["type"] == "done"):
-        line = loaded_worker.read()
-        seen[str(line["id"])].append(line)
+    seen = loaded_worker.collect(["a", "b"])
     b = seen["b"]
-    assert len(b) == 1 and b[0]["finish_reason"] == "cancelled"
-    assert b[0]["tokens_generated"] == 0
+    assert b[-1]["finish_reason"] == "cancelled" and b[-1]["tokens_generated"] < 200
     assert seen["a"][-1]["finish_reason"] == "length" and len(seen["a"]) == 201
 
 
 def test_cancel_without_id_cancels_everything(loaded_worker: WorkerProcess) -> None:
+    """Three streams decode together; ``cancel`` without an id ends all of them."""
     for rid in ("c1", "c2", "c3"):
         loaded_worker.send({"cmd": "generate", "id": rid, "prompt": "x", "max_tokens": 100000})
-    loaded_worker.send({"cmd": "tokenize", "id": "t", "text": "queued"})
-    assert loaded_worker.read()["id"] == "c1"
+    started: set[object] = set()
+    while len(started) < 3:
+        line = loaded_worker.read()
+        assert line["type"] == "token"
+        started.add(line["id"])
     loaded_worker.send({"cmd": "cancel"})
     terminal: dict[object, dict[str, object]] = {}
-    while len(terminal) < 4:
+    while len(terminal) < 3:
         line = loaded_worker.read(timeout=5)
         if line["type"] != "token":
             assert line["id"] not in terminal, "two terminal lines for one request"
             terminal[line["id"]] = line
     assert {terminal[r]["finish_reason"] for r in ("c1", "c2", "c3")} == {"cancelled"}
-    assert terminal["t"]["code"] == "cancelled"
+    assert loaded_worker.call({"cmd": "ping", "id": "after"})["type"] == "pong"
 
 
 def test_cancel_of_unknown_or_finished_id_gets_no_reply(loaded_worker: WorkerProcess) -> None:

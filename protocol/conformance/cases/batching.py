@@ -18,18 +18,19 @@ from typing import Final
 
 from ..session import Exchange, Session, fail
 from ..table import Case, Group
-from .rules import PACED, check_cancelled, check_finished, done_of, long_generate
+from .rules import (
+    PACED,
+    check_cancelled,
+    check_finished,
+    done_of,
+    long_generate,
+    max_concurrency,
+)
 
 __all__ = ["GROUP"]
 
 STREAM_TOKENS: Final = 8
 """Tokens each of the interleaved streams asks for."""
-
-
-def _max_concurrency(s: Session) -> int:
-    assert s.hello is not None
-    value = s.hello["limits"].get("max_concurrency", 1)
-    return value if isinstance(value, int) else 1
 
 
 def _generate(s: Session, prefix: str, max_tokens: int, **extra: object) -> Exchange:
@@ -63,7 +64,7 @@ def several_streams(s: Session) -> str:
         check_finished(exchange, max_tokens=STREAM_TOKENS)
     ids = {first.id, second.id}
     order = [rid for rid, kind in s.read_order[start:] if kind == "token" and rid in ids]
-    cap = _max_concurrency(s)
+    cap = max_concurrency(s)
     if cap > 1:
         if not _interleaved(order):
             raise fail(

@@ -13,7 +13,15 @@ from typing import Final
 from ..matching import ABSENT
 from ..session import CaseSkipped, Exchange, Session, fail
 from ..table import Case, Group
-from .rules import check_cancelled, check_finished, done_of, landed, long_generate, prefill_prompt
+from .rules import (
+    check_cancelled,
+    check_finished,
+    done_of,
+    landed,
+    long_generate,
+    max_concurrency,
+    prefill_prompt,
+)
 
 __all__ = ["GROUP"]
 
@@ -101,6 +109,11 @@ def cancel_everything(s: Session) -> str:
     s.cancel()
     s.wait(*generations, tokenize)
     phases = [check_cancelled(g) for g in generations]
+    if max_concurrency(s) > 1:  # decoded together; the tokenize ran between two steps
+        assert tokenize is not None and tokenize.terminal is not None
+        if tokenize.terminal.get("type") != "tokens":
+            _expect_cancelled_error(s, tokenize)
+        return f"3 generations decoded together, done/cancelled in phases {phases}"
     if phases[1:] != ["queued", "queued"]:
         raise fail(f"the two queued generations were cancelled in phases {phases[1:]}")
     _expect_cancelled_error(s, tokenize)
@@ -136,12 +149,21 @@ def busy(s: Session) -> str:
     limit = s.hello["limits"]["max_queue"]
     if limit > MAX_BUSY_QUEUE:
         raise CaseSkipped(f"max_queue {limit:,} is too long to fill")
-    running = _long(s)
-    s.wait_tokens(running)
-    waiting = [s.send({"cmd": "tokenize", "id": f"q-{i}", "text": "x"}) for i in range(limit)]
+    cap = max_concurrency(s)
+    if cap > MAX_BUSY_QUEUE:
+        raise CaseSkipped(f"max_concurrency {cap:,} is too large to fill")
+    # A batching worker runs a tokenize between two decode steps: only
+    # generations wait while its batch is full, so the queue is filled with them.
+    running = [_long(s) for _ in range(cap)]
+    for exchange in running:
+        s.wait_tokens(exchange)
+    if cap > 1:
+        waiting = [_long(s) for _ in range(limit)]
+    else:
+        waiting = [s.send({"cmd": "tokenize", "id": f"q-{i}", "text": "x"}) for i in range(limit)]
     refused = s.send({"cmd": "tokenize", "id": "q-over", "text": "x"})
     s.cancel()
-    s.wait(refused, running, *waiting)
+    s.wait(refused, *running, *waiting)
     assert refused is not None and refused.terminal is not None
     s.expect(
         refused.terminal,
@@ -149,9 +171,13 @@ def busy(s: Session) -> str:
         f"request {limit + 1} in the queue",
     )
     for exchange in waiting:
-        _expect_cancelled_error(s, exchange)
-    check_cancelled(running)
-    return f"{limit} waiting, the next one busy"
+        if cap > 1:
+            check_cancelled(exchange)
+        else:
+            _expect_cancelled_error(s, exchange)
+    for exchange in running:
+        check_cancelled(exchange)
+    return f"{cap} decoding, {limit} waiting, the next one busy"
 
 
 def reuse_after_terminal(s: Session) -> str:
@@ -179,10 +205,20 @@ def quit_with_work_in_flight(s: Session) -> str:
     if bye.terminal_seq < last:
         raise fail("bye came before the terminal lines of the requests in flight")
     check_cancelled(running)
-    if waiting is None or check_cancelled(waiting) != "queued":
-        raise fail("the queued generation was not cancelled as queued")
-    assert tokenize is not None and tokenize.terminal is not None
-    s.expect(tokenize.terminal, {"type": "error", "code": "cancelled"}, "a queued tokenize at quit")
+    assert waiting is not None and tokenize is not None and tokenize.terminal is not None
+    if max_concurrency(s) > 1:
+        # decoded beside the running one, and the tokenize ran between two steps:
+        # each ended, either way, before bye
+        if done_of(waiting)["finish_reason"] not in ("cancelled", "length", "stop"):
+            raise fail(f"the second generation ended {done_of(waiting)} at quit")
+        if tokenize.terminal.get("type") != "tokens":
+            s.expect(tokenize.terminal, {"type": "error", "code": "cancelled"}, "tokenize at quit")
+    else:
+        if check_cancelled(waiting) != "queued":
+            raise fail("the queued generation was not cancelled as queued")
+        s.expect(
+            tokenize.terminal, {"type": "error", "code": "cancelled"}, "a queued tokenize at quit"
+        )
     s.expect_end(within=5.0)
     took = time.monotonic() - start
     return f"3 terminal lines, bye last, exit 0 {took * 1000:.0f} ms after quit"

@@ -15,7 +15,14 @@ from ...replies import ModelFacts
 from ..matching import ABSENT, Check, StartsWith
 from ..session import CaseSkipped, Line, Session, fail, text_of, token_ids
 from ..table import Case, Group
-from .rules import check_cancelled, check_finished, done_of, long_generate, round_trip
+from .rules import (
+    check_cancelled,
+    check_finished,
+    done_of,
+    long_generate,
+    max_concurrency,
+    round_trip,
+)
 
 __all__ = ["FACT_KEYS", "GROUP"]
 
@@ -322,6 +329,8 @@ def routing_by_id(s: Session) -> str:
                 f"id {rid!r}: {token_ids(exchange.lines)} in flight with others, {solo[rid]} alone"
             )
     order = [e.terminal_seq for e in (*exchanges, tok) if e is not None]
+    if max_concurrency(s) > 1:  # batched: they finish as they finish
+        return "3 generations (ids 'r-a', 41, 'r-c') decoded together, a tokenize and a ping"
     if order != sorted(order):
         raise fail("queued requests did not finish in the order they were sent")
     return "3 generations (ids 'r-a', 41, 'r-c'), a tokenize and a ping, routed by id"

@@ -187,3 +187,10 @@ def prefill_prompt(s: Session) -> str:
     prompt = words(count)
     s.memo["prefill_prompt"] = prompt
     return prompt
+
+
+def max_concurrency(s: Session) -> int:
+    """Generations the worker decodes together, as its ``hello`` says (1 when it does not say)."""
+    assert s.hello is not None
+    value = s.hello["limits"].get("max_concurrency", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
