@@ -174,12 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults=faults_from(args),
         trust_remote_code=args.trust_remote_code,
         model_root=args.model_root,
+        max_concurrency=args.max_concurrency,
     )
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes,
         max_queue=args.max_queue,
         strict=args.strict,
         preload=args.model,
+        max_concurrency=args.max_concurrency,
         versions=(),
         optional_versions=(),
     )
