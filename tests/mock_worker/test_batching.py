@@ -234,7 +234,7 @@ def test_hang_after_stalls_the_engine_and_its_cancel_is_not_answered() -> None:
         worker.load()
         start_background(worker)
         worker.send(generate("g", "a b", 100, mock={"hang_after": 2, "token_delay": 0.01}))
-        seen = []
+        seen: list[Line] = []
         while len(of(seen, "g")) < 2:
             seen.append(worker.read())
         in_flight = [decode(raw) for raw in worker.lines_within(0.3)]
@@ -291,7 +291,7 @@ def test_token_delay_is_cut_short_by_a_cancel_and_the_others_go_on() -> None:
         assert {worker.read()["id"], worker.read()["id"]} == {"x", "y"}  # both prefilled
         started = time.perf_counter()
         worker.send({"cmd": "cancel", "id": "y"})
-        lines = []
+        lines: list[Line] = []
         while not any(line["type"] == "done" for line in lines):
             lines.append(worker.read(timeout=8))
         assert time.perf_counter() - started < 8
