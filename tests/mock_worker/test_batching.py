@@ -63,15 +63,15 @@ def test_concurrent_generates_interleave(count: int) -> None:
         worker.load()
         slow = {"mock": {"token_delay": 0.01}}
         send_all(
-            worker, [generate(rid, p, 60, **slow) for rid, p in zip(ids, prompts, strict=True)]
+            worker, [generate(rid, p, 100, **slow) for rid, p in zip(ids, prompts, strict=True)]
         )
         lines = worker.read_streams(ids)
         assert_interleaved(lines, ids)
         for rid, prompt in zip(ids, prompts, strict=True):
             mine = of(lines, rid)
-            assert text_of(mine) == script(prompt, 60)
+            assert text_of(mine) == script(prompt, 100)
             assert mine[-1]["type"] == "done" and mine[-1]["finish_reason"] == "length"
-            assert mine[-1]["tokens_generated"] == 60
+            assert mine[-1]["tokens_generated"] == 100
 
 
 def test_each_stream_keeps_its_own_options() -> None:
@@ -158,12 +158,12 @@ def test_more_requests_than_max_concurrency_wait_their_turn() -> None:
     with MockWorker("--max-concurrency", "2") as worker:
         worker.load()
         slow = {"mock": {"token_delay": 0.01}}
-        send_all(worker, [generate(rid, "a b", 20, **slow) for rid in ("x", "y", "z")])
+        send_all(worker, [generate(rid, "a b", 50, **slow) for rid in ("x", "y", "z")])
         lines = worker.read_streams(["x", "y", "z"])
         first_end = min(i for i, line in enumerate(lines) if line["type"] == "done")
         assert "z" not in token_ids(lines[:first_end])  # z waited for a free place
         assert_interleaved(lines[: first_end + 1], ["x", "y"])
-        assert all(text_of(of(lines, rid)) == script("a b", 20) for rid in ("x", "y", "z"))
+        assert all(text_of(of(lines, rid)) == script("a b", 50) for rid in ("x", "y", "z"))
 
 
 # -- progress ---------------------------------------------------------------------------
@@ -225,7 +225,9 @@ def test_crash_after_counts_its_own_tokens_while_another_streams() -> None:
         assert worker.wait() == 7
         assert all(line["type"] == "token" for line in lines)
         assert text_of(of(lines, "g")) == "a b a"
-        assert token_ids(lines).index("g") < len(lines) - 1  # bg streamed alongside
+        order = token_ids(lines)
+        first, last = order.index("g"), len(order) - 1 - order[::-1].index("g")
+        assert "bg" in order[first:last]  # bg streamed alongside
         assert "crash_after=3 in request 'g'" in worker.stderr
 
 
@@ -252,7 +254,7 @@ def test_hang_after_stalls_the_engine_and_its_cancel_is_not_answered() -> None:
             ("g", "shutting_down"),
             ("bg", "shutting_down"),
         }
-        assert rest[-1] == {"type": "bye", "id": "q"} or rest[-1]["type"] == "bye"
+        assert rest[-1]["type"] == "bye" and rest[-1]["id"] == "q"
 
 
 def test_token_delay_is_one_wait_per_step_at_the_slowest_pace() -> None:
@@ -284,11 +286,15 @@ def test_token_delay_is_cut_short_by_a_cancel_and_the_others_go_on() -> None:
         send_all(
             worker,
             [
-                generate("x", "a", 2, progress=True, **slow),
-                generate("y", "b", 2, progress=True, **slow),
+                generate("x", "a", 1000, progress=True, **slow),
+                generate("y", "b", 1000, progress=True, **slow),
             ],
         )
-        assert {worker.read()["id"], worker.read()["id"]} == {"x", "y"}  # both prefilled
+        prefilled: set[str] = set()
+        while prefilled != {"x", "y"}:  # y may be admitted one step (10 s) after x
+            line = worker.read(timeout=15)
+            if line["type"] == "progress":
+                prefilled.add(line["id"])
         started = time.perf_counter()
         worker.send({"cmd": "cancel", "id": "y"})
         lines: list[Line] = []
@@ -330,7 +336,7 @@ def test_without_ignore_cancel_the_other_stream_goes_on() -> None:
         while (line := worker.read())["type"] != "done":
             pass
         assert line["id"] == "g" and line["finish_reason"] == "cancelled"
-        after = [decode(raw) for raw in worker.lines_within(0.3)]
+        after = [decode(raw) for raw in worker.lines_within(1.0)]
         assert after and {line["id"] for line in after} == {"bg"}
 
 
