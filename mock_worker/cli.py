@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=0.0,
         metavar="S",
-        help="sleep S seconds before each token",
+        help="sleep S seconds before each token (one sleep per step of the batch)",
     )
     g.add_argument(
         "--hello-delay",
@@ -104,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
         "--hang-after",
         type=_count,
         metavar="K",
-        help="after K tokens, write nothing more for that request, ever",
+        help="after K tokens of a generation, the engine hangs: nothing more is written "
+        "for it, nor for the others in the batch",
     )
     g.add_argument(
         "--garbage-after",
@@ -126,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
         help="every load fails with this error code",
     )
     g.add_argument(
-        "--ignore-cancel", action="store_true", help="a cancelled generation never finishes"
+        "--ignore-cancel",
+        action="store_true",
+        help="a cancelled generation never finishes (and stalls the batch)",
     )
     g.add_argument(
         "--quit-silently",
@@ -174,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults=faults_from(args),
         trust_remote_code=args.trust_remote_code,
         model_root=args.model_root,
+        max_concurrency=args.max_concurrency,
     )
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes,
         max_queue=args.max_queue,
         strict=args.strict,
         preload=args.model,
+        max_concurrency=args.max_concurrency,
         versions=(),
         optional_versions=(),
     )

@@ -4,9 +4,10 @@ It loads any path instantly, echoes the prompt's words as tokens (see
 :mod:`mock_worker.echo`), tokenizes text as its UTF-8 bytes, answers
 ``inspect`` with made-up attention files of the mock model's shapes (see
 :func:`attention_values`), and injects the faults of
-:mod:`mock_worker.faults`. The real request loop (:func:`bridge.loop.server.serve`)
-runs it, so stop strings, cancel, queueing and every reply shape are the
-real worker's.
+:mod:`mock_worker.faults`. Generations run in a batch,
+:class:`mock_worker.batch.ScriptedDecoder`. The real request loop
+(:func:`bridge.loop.server.serve`) runs it, so stop strings, cancel,
+queueing, batching and every reply shape are the real worker's.
 """
 
 from __future__ import annotations
@@ -16,35 +17,26 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 
-from bridge.engines.engine_protocol import Decoder, Prepared, ReportLoad, ShouldAbort, Step
-from bridge.engines.solo import SoloDecoder
+from bridge.engines.engine_protocol import Decoder, Prepared, ReportLoad
+from bridge.loop.scheduler import DEFAULT_MAX_CONCURRENCY
 from bridge.model_dir.files import confine
 from bridge.model_dir.remote_code import remote_code_allowed
-from protocol.errors import InvalidRequest, NoModel, RequestId, VisionNotSupported, error_from_code
+from protocol.errors import InvalidRequest, NoModel, VisionNotSupported, error_from_code
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Chat, Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
 from . import echo
-from .faults import GARBAGE_LINE, Faults, block_forever, crash, flood_stderr
+from .batch import ScriptedDecoder, ScriptedPrepared
+from .faults import GARBAGE_LINE, Faults
 
 log = logging.getLogger("mock_worker")
 
 DEFAULT_CONTEXT_LEN = 4096
 TIMED_TOKENS = 64
 WriteRaw = Callable[[bytes], None]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ScriptedPrepared(Prepared):
-    """A prepared generation plus what the script needs to run it."""
-
-    request_id: RequestId | None
-    words: tuple[str, ...]
-    faults: Faults
 
 
 class ScriptedEngine:
@@ -54,6 +46,7 @@ class ScriptedEngine:
         faults: Faults | None = None,
         trust_remote_code: bool = False,
         model_root: Path | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
         """``trust_remote_code`` and ``model_root`` are the worker's
         ``--trust-remote-code`` and ``--model-root``, refused alike: a host's
@@ -61,6 +54,7 @@ class ScriptedEngine:
         self._defaults = faults or Faults()
         self._trust_remote_code = trust_remote_code
         self._model_root = model_root
+        self._max_concurrency = max_concurrency
         self._facts: ModelFacts | None = None
         self._write_raw: WriteRaw | None = None
 
@@ -119,51 +113,9 @@ class ScriptedEngine:
         )
 
     def decoder(self) -> Decoder:
-        return SoloDecoder(self.generate, _peak_rss)
-
-    def generate(
-        self, prepared: Prepared, should_abort: ShouldAbort
-    ) -> Generator[Step, None, None]:
-        assert isinstance(prepared, ScriptedPrepared)
-        faults = prepared.faults
-        name = f"request {prepared.request_id!r}"
-        if faults.stderr_flood:
-            flood_stderr(faults.stderr_flood)
-        words = prepared.words
-        max_tokens = prepared.sampling.max_tokens
-        # The steps are built once per generation, so the mock streams at full speed.
-        cycle = echo.token_steps(words, prepared.sampling.logprobs)
-        eos_at = 0 if not words else faults.eos_after
-        n = 0
-        while True:
-            if n == faults.garbage_after:
-                self._garbage(name)
-            if n == faults.crash_after:
-                crash(faults.exit_code, f"crash_after={n} in {name}")
-            if n == faults.hang_after:
-                block_forever(f"hang_after={n} in {name}")
-            if faults.token_delay:
-                _pause(faults.token_delay, should_abort)
-            if should_abort():
-                if faults.ignore_cancel:
-                    block_forever(f"ignore_cancel in {name}")
-                return
-            if n == eos_at:
-                step = Step(text="", token_id=echo.EOS_TOKEN_ID, is_eos=True, finish_reason="stop")
-            else:
-                step = cycle[n % len(cycle)] if n else replace(cycle[0], text=words[0])
-                n += 1
-                if n == max_tokens:
-                    step = replace(step, finish_reason="length")
-            try:
-                yield step
-            except GeneratorExit:
-                # The loop stops reading when the request is cancelled (or hit a stop string).
-                if faults.ignore_cancel and should_abort():
-                    block_forever(f"ignore_cancel in {name}")
-                raise
-            if step.finish_reason is not None:
-                return
+        return ScriptedDecoder(
+            capacity=self._max_concurrency, garbage=self._garbage, peak_memory=_peak_rss
+        )
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
         self._require(request)
@@ -277,13 +229,6 @@ def attention_values(layer: int, count: int, *, sign: float = 1.0) -> bytes:
     if sys.byteorder != "little":
         values.byteswap()
     return values.tobytes()
-
-
-def _pause(seconds: float, should_abort: ShouldAbort) -> None:
-    """Sleep, waking early when the request is cancelled."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0 and not should_abort():
-        time.sleep(min(left, 0.01))
 
 
 def _peak_rss() -> int:

@@ -1,7 +1,6 @@
 """A decoder of one sequence at a time, over an engine's pull generator.
 
-Engines that do not batch (the vision engine, the scripted engine of
-:mod:`mock_worker` when it is told not to) return one of these from
+Engines that do not batch (the vision engine) return one of these from
 ``decoder()``: its capacity is one, so their requests wait their turn in the
 scheduler's queue like everyone else's, and the scheduler steps them one
 token at a time, between other work.

@@ -136,8 +136,22 @@ class MockWorker:
             line = self.read(max(0.01, deadline - time.monotonic()))
             assert line.get("id") == request_id, f"line for another request: {line}"
             out.append(line)
-            if line["type"] != "token":
+            if line["type"] not in ("token", "progress"):
                 return out
+
+    def read_streams(self, ids: Sequence[object], timeout: float = 10.0) -> list[Line]:
+        """Lines, in arrival order, until each of ``ids`` has had its terminal
+        line; every line must carry one of them."""
+        deadline = time.monotonic() + timeout
+        out: list[Line] = []
+        open_ids = set(ids)
+        while open_ids:
+            line = self.read(max(0.01, deadline - time.monotonic()))
+            assert line.get("id") in ids, f"line for another request: {line}"
+            out.append(line)
+            if line["type"] not in ("token", "progress"):
+                open_ids.discard(line["id"])
+        return out
 
     def request(self, request: Mapping[str, Any], timeout: float = 5.0) -> list[Line]:
         self.send(request)

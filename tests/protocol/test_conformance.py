@@ -52,7 +52,11 @@ PROXY = """
 import json, subprocess, sys, threading
 
 mode = sys.argv[1]
-child = subprocess.Popen([sys.executable, "-m", "mock_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+# claims-batching: the mock runs one request at a time, but hello says 8
+serial = ["--max-concurrency", "1"] if mode == "claims-batching" else []
+child = subprocess.Popen(
+    [sys.executable, "-m", "mock_worker", *serial], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+)
 lock = threading.Lock()
 
 def emit(raw):
