@@ -27,7 +27,7 @@ from tests.harness import Line, WorkerProcess, token_ids
 pytestmark = pytest.mark.timeout(180)
 
 PROMPTS = ("Once upon a time", "def main():", "The quick brown fox", "import os\nimport sys")
-LONG_PROMPT = "import os, sys, json; print(os.path.join('a', 'b')); " * 200  # ~3,000 tokens
+LONG_PROMPT = "import os, sys, json; print(os.path.join('a', 'b')); " * 120  # ~3,000 tokens
 
 
 def gen(rid: str, prompt: str, **fields: Any) -> dict[str, Any]:
@@ -216,8 +216,12 @@ def test_concurrency_cap_queue_and_busy(tiny_model: Path) -> None:
         while refused["id"] == "first":
             refused = w.read()
         assert refused["id"] == "third" and refused["code"] == "busy"
-        info = w.call({"cmd": "info", "id": "i"})
+        w.send({"cmd": "info", "id": "i"})
+        info = w.read()
+        while info["id"] == "first":
+            info = w.read()
         assert info["batch"]["queued"] == 1 and info["batch"]["max_concurrency"] == 1
+        assert info["batch"]["running"] == 1
         w.send({"cmd": "cancel", "id": "first"})
         lines = w.collect(["first", "second"])
         assert lines["first"][-1]["finish_reason"] == "cancelled"

@@ -157,10 +157,11 @@ def busy(s: Session) -> str:
     running = [_long(s) for _ in range(cap)]
     for exchange in running:
         s.wait_tokens(exchange)
-    if cap > 1:
-        waiting = [_long(s) for _ in range(limit)]
-    else:
-        waiting = [s.send({"cmd": "tokenize", "id": f"q-{i}", "text": "x"}) for i in range(limit)]
+    waiting: list[Exchange | None] = (
+        [_long(s) for _ in range(limit)]
+        if cap > 1
+        else [s.send({"cmd": "tokenize", "id": f"q-{i}", "text": "x"}) for i in range(limit)]
+    )
     refused = s.send({"cmd": "tokenize", "id": "q-over", "text": "x"})
     s.cancel()
     s.wait(refused, *running, *waiting)
@@ -170,11 +171,12 @@ def busy(s: Session) -> str:
         {"type": "error", "id": "q-over", "code": "busy"},
         f"request {limit + 1} in the queue",
     )
-    for exchange in waiting:
+    for queued in waiting:
         if cap > 1:
-            check_cancelled(exchange)
+            assert queued is not None
+            check_cancelled(queued)
         else:
-            _expect_cancelled_error(s, exchange)
+            _expect_cancelled_error(s, queued)
     for exchange in running:
         check_cancelled(exchange)
     return f"{cap} decoding, {limit} waiting, the next one busy"
