@@ -105,6 +105,17 @@ def spread(values: list[float]) -> dict[str, float | None]:
     return {"p50": median(values), "p99": pct(values, 0.99), "max": max(values, default=None)}
 
 
+def decode_tps(stamps: list[float]) -> float | None:
+    """One stream's decode rate: tokens after the first over the time since it."""
+    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
+        return None
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def decode_median(streams: list[list[float]]) -> float | None:
+    return median([r for r in map(decode_tps, streams) if r is not None])
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run one section (or one concurrency of it); a failure is recorded, not raised."""
     started = time.perf_counter()
@@ -252,8 +263,11 @@ def pipe_round(pipe: MuxPipe, tag: str, texts: list[str], max_tokens: int) -> di
         *(generate_line(rid, t, max_tokens) for rid, t in zip(ids, texts, strict=True))
     )
     ends = [pipe.terminal(rid) for rid in ids]
-    ttfts, tokens, errors = [], 0, {}
-    done_ttft, done_queue = [], []
+    ttfts: list[float] = []
+    tokens = 0
+    errors: dict[str, int] = {}
+    done_ttft: list[float] = []
+    done_queue: list[float] = []
     for rid, (_, end) in zip(ids, ends, strict=True):
         stamps = pipe.token_stamps(rid)
         tokens += len(stamps)
@@ -272,6 +286,7 @@ def pipe_round(pipe: MuxPipe, tag: str, texts: list[str], max_tokens: int) -> di
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tps": tokens / wall if wall > 0 else None,
+        "decode_tps_median": decode_median([pipe.token_stamps(rid) for rid in ids]),
         "ttft_ms_median": median(ttfts),
         "ttft_ms_max": max(ttfts, default=None),
         "errors": errors,
@@ -342,6 +357,7 @@ def supervisor_round(worker: Any, texts: list[str], max_tokens: int) -> dict[str
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tps": tokens / wall if wall > 0 else None,
+        "decode_tps_median": decode_median([r["stamps"] for r in rows]),
         "ttft_ms_median": median(ttfts),
         "ttft_ms_max": max(ttfts, default=None),
         "errors": errors,
@@ -392,7 +408,7 @@ def section_stream_generate(args: argparse.Namespace, mlx: InProcess) -> dict[st
     from mlx_lm.sample_utils import make_sampler
 
     sampler = make_sampler(temp=0.0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in range(args.rounds + 1):  # round 0 warms up
         text = prompt(WARM_OFFSET if r == 0 else r, args.prompt_chars)
         ids = mx.array(mlx.ids(text))
@@ -438,6 +454,7 @@ def batch_round(mlx: InProcess, texts: list[str], max_tokens: int) -> dict[str, 
         started = time.perf_counter()
         uids = gen.insert(encoded, max_tokens=[max_tokens] * len(texts))
         first: dict[int, float] = {}
+        last: dict[int, float] = {}
         counts = dict.fromkeys(uids, 0)
         live = set(uids)
         idle = 0
@@ -453,6 +470,7 @@ def batch_round(mlx: InProcess, texts: list[str], max_tokens: int) -> dict[str, 
             for resp in responses:
                 counts[resp.uid] += 1
                 first.setdefault(resp.uid, now)
+                last[resp.uid] = now
                 if resp.finish_reason is not None:
                     live.discard(resp.uid)
         wall = time.perf_counter() - started
@@ -465,6 +483,9 @@ def batch_round(mlx: InProcess, texts: list[str], max_tokens: int) -> dict[str, 
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tps": tokens / wall,
+        "decode_tps_median": median(
+            [(counts[u] - 1) / (last[u] - first[u]) for u in first if last[u] > first[u]]
+        ),
         "ttft_ms_median": median(ttfts),
         "ttft_ms_max": max(ttfts, default=None),
         "completion_batch_size": completion,
@@ -716,25 +737,41 @@ def section_cancel(args: argparse.Namespace) -> dict[str, Any]:
         ids = start_streams(pipe, "c", args.cancel_streams, args, args.stream_max_tokens)
         settled = settle(pipe, ids, 12, args.settle_s)
         step = decode_step(pipe, ids)
-        latencies, reasons = [], {}
+        running_before = sum(1 for rid in ids if pipe.count_tokens(rid) and rid not in pipe.ended)
+        latencies: dict[str, list[float]] = {"decoding": [], "queued": []}
+        reasons: dict[str, int] = {}
+        ended_first = 0  # ended (max_tokens, eos) before their cancel was written
         for rid in ids:
             before = sum(pipe.count_tokens(r) for r in ids)
             # a few more tokens between cancels, so each lands in the middle of decoding
             pipe.wait(lambda b=before: sum(pipe.count_tokens(r) for r in ids) >= b + 3, 2.0)
+            if rid in pipe.ended:
+                ended_first += 1
+                continue
+            phase = "decoding" if pipe.count_tokens(rid) else "queued"
             sent = pipe.send({"cmd": "cancel", "id": rid})
             t, end = pipe.terminal(rid, timeout=120)
+            if t < sent:
+                ended_first += 1
+                continue
             reason = str(end.get("finish_reason", end.get("code", end.get("type"))))
             reasons[reason] = reasons.get(reason, 0) + 1
-            latencies.append((t - sent) * 1000)
-        p99 = pct(latencies, 0.99)
+            latencies[phase].append((t - sent) * 1000)
+        decoding = latencies["decoding"]
+        p99 = pct(decoding, 0.99)
         bound = step + 10 if step is not None else None
         return {
             "streams": args.cancel_streams,
             "all_decoding_before": settled,
+            "decoding_before": running_before,
             "decode_step_ms": step,
-            "p50_ms": pct(latencies, 0.5),
+            "cancelled_decoding": len(decoding),
+            "cancelled_queued": len(latencies["queued"]),
+            "ended_before_cancel": ended_first,
+            "p50_ms": pct(decoding, 0.5),
             "p99_ms": p99,
-            "max_ms": max(latencies),
+            "max_ms": max(decoding, default=None),
+            "queued_p50_ms": pct(latencies["queued"], 0.5),
             "bound_ms": bound,
             "p99_over_bound": p99 / bound if bound and p99 is not None else None,
             "finish_reasons": reasons,
@@ -771,8 +808,11 @@ def section_prefill_gap(args: argparse.Namespace) -> dict[str, Any]:
         settled = settle(pipe, ids, 12, args.settle_s)
         step = decode_step(pipe, ids)
         sent = pipe.send(generate_line("long", long_text, 4))
+        # Not all K decoding together (a worker that runs one at a time): the long request
+        # queues behind them, so the wait is cut short and the figures say so.
+        timeout = args.gap_timeout_s if settled else min(args.gap_timeout_s, 10.0)
         got_first = pipe.wait(
-            lambda: pipe.count_tokens("long") > 0 or "long" in pipe.ended, args.gap_timeout_s
+            lambda: pipe.count_tokens("long") > 0 or "long" in pipe.ended, timeout
         )
         stamps = pipe.token_stamps("long")
         first = stamps[0] if stamps else time.perf_counter()
@@ -832,8 +872,10 @@ def summary(sections: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
             for ref in ("batch_generator", "server"):
                 if tps and row[f"{ref}_tps"]:
                     row[f"{name}_over_{ref}"] = tps / row[f"{ref}_tps"]
-            if n == 1 and tps and sg_tps:
-                row[f"{name}_over_stream_generate"] = tps / sg_tps
+            decode = figure(name, n, "decode_tps_median")
+            if n == 1 and decode and sg_tps:
+                row[f"{name}_decode_tps"] = decode
+                row[f"{name}_decode_over_stream_generate"] = decode / sg_tps
             if n == 1 and sg_ttft is not None and row[f"{name}_ttft_ms"] is not None:
                 row[f"{name}_ttft_minus_stream_generate_ms"] = row[f"{name}_ttft_ms"] - sg_ttft
             row[f"{name}_busy"] = figure(name, n, "busy")
@@ -864,10 +906,10 @@ def main() -> int:
     p.add_argument(
         "--stream-max-tokens",
         type=int,
-        default=2048,
+        default=4096,
         help="max_tokens of the streams kept decoding in cancel and prefill_gap",
     )
-    p.add_argument("--settle-s", type=float, default=20.0, help="wait for all streams to decode")
+    p.add_argument("--settle-s", type=float, default=10.0, help="wait for all streams to decode")
     p.add_argument("--gap-timeout-s", type=float, default=120.0)
     p.add_argument(
         "--prefill-chunk-tokens",
