@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -76,6 +77,7 @@ SECTIONS = (
     "prefill_gap",
 )
 CORPUS = "".join((STDLIB / name).read_text() for name in SOURCES if (STDLIB / name).exists())
+ROUNDS = itertools.count()
 WARM_OFFSET = 1000  # warm-up prompts are chunks this many places further on
 
 
@@ -114,6 +116,20 @@ def decode_tps(stamps: list[float]) -> float | None:
 
 def decode_median(streams: list[list[float]]) -> float | None:
     return median([r for r in map(decode_tps, streams) if r is not None])
+
+
+def repeated(fn: Callable[[], dict[str, Any]], times: int) -> dict[str, Any]:
+    """Run a round ``times`` times: the median round by aggregate tok/s, with the
+    medians of its first-token and decode figures over all rounds."""
+    rows = [fn() for _ in range(max(1, times))]
+    rows.sort(key=lambda row: row.get("aggregate_tps") or 0.0)
+    out = dict(rows[len(rows) // 2])
+    for key in ("ttft_ms_median", "decode_tps_median"):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        out[key] = median(values)
+    out["repeats"] = len(rows)
+    out["repeats_tps"] = [row.get("aggregate_tps") for row in rows]
+    return out
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -232,6 +248,12 @@ class MuxPipe:
         self.stderr.close()
 
 
+def times(args: argparse.Namespace, n: int) -> int:
+    """Rounds of one concurrency: ``--rounds`` for a lone request (its figures are
+    single streams, so noisier), ``--repeat`` otherwise."""
+    return args.rounds if n == 1 else args.repeat
+
+
 def worker_args(args: argparse.Namespace) -> list[str]:
     return ["--prompt-cache-entries", "0", *args.worker_arg]
 
@@ -258,7 +280,8 @@ def generate_line(rid: str, text: str, max_tokens: int) -> dict[str, Any]:
 
 def pipe_round(pipe: MuxPipe, tag: str, texts: list[str], max_tokens: int) -> dict[str, Any]:
     """N generate lines written at once; figures from the arrival stamps."""
-    ids = [f"{tag}-{i}" for i in range(len(texts))]
+    serial = next(ROUNDS)  # ids stay unique when a round repeats
+    ids = [f"{tag}-{serial}-{i}" for i in range(len(texts))]
     sent = pipe.send(
         *(generate_line(rid, t, max_tokens) for rid, t in zip(ids, texts, strict=True))
     )
@@ -306,7 +329,10 @@ def section_pipe(args: argparse.Namespace) -> dict[str, Any]:
             def one(n: int = n) -> dict[str, Any]:
                 warm = prompts(n, args.prompt_chars, warm=True)
                 pipe_round(pipe, f"w{n}", warm, args.warm_tokens)
-                return pipe_round(pipe, f"p{n}", prompts(n, args.prompt_chars), args.max_tokens)
+                texts = prompts(n, args.prompt_chars)
+                return repeated(
+                    lambda: pipe_round(pipe, f"p{n}", texts, args.max_tokens), times(args, n)
+                )
 
             out[str(n)] = guarded(one)
     finally:
@@ -381,7 +407,10 @@ def section_supervisor(args: argparse.Namespace) -> dict[str, Any]:
 
             def one(n: int = n) -> dict[str, Any]:
                 supervisor_round(worker, prompts(n, args.prompt_chars, warm=True), args.warm_tokens)
-                return supervisor_round(worker, prompts(n, args.prompt_chars), args.max_tokens)
+                texts = prompts(n, args.prompt_chars)
+                return repeated(
+                    lambda: supervisor_round(worker, texts, args.max_tokens), times(args, n)
+                )
 
             out[str(n)] = guarded(one)
     return out
@@ -499,7 +528,8 @@ def section_batch_generator(args: argparse.Namespace, mlx: InProcess) -> dict[st
 
         def one(n: int = n) -> dict[str, Any]:
             batch_round(mlx, prompts(n, args.prompt_chars, warm=True), args.warm_tokens)
-            return batch_round(mlx, prompts(n, args.prompt_chars), args.max_tokens)
+            texts = prompts(n, args.prompt_chars)
+            return repeated(lambda: batch_round(mlx, texts, args.max_tokens), times(args, n))
 
         out[str(n)] = guarded(one)
     return out
@@ -659,7 +689,8 @@ def section_server(args: argparse.Namespace) -> dict[str, Any]:
 
             def one(n: int = n) -> dict[str, Any]:
                 server_round(port, prompts(n, args.prompt_chars, warm=True), args.warm_tokens)
-                return server_round(port, prompts(n, args.prompt_chars), args.max_tokens)
+                texts = prompts(n, args.prompt_chars)
+                return repeated(lambda: server_round(port, texts, args.max_tokens), times(args, n))
 
             out[str(n)] = guarded(one)
             if proc.poll() is not None:
@@ -897,7 +928,10 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--warm-tokens", type=int, default=8, help="tokens of each warm-up round")
     p.add_argument("--prompt-chars", type=int, default=400, help="characters of each prompt")
-    p.add_argument("--rounds", type=int, default=3, help="stream_generate rounds (median)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds of stream_generate and of N=1 (median)"
+    )
+    p.add_argument("--repeat", type=int, default=1, help="rounds of each N > 1 (median)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: %(default)s")
     p.add_argument("--skip-server", action="store_true", help="leave out mlx_lm.server")
     p.add_argument("--cancel-streams", type=int, default=16)
