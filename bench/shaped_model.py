@@ -1,10 +1,11 @@
-"""Build a random-weight model with a real model's shape (default: Qwen3-0.6B), for timing.
+"""Build a random-weight model with a real model's shape (Qwen3-0.6B or -4B), for timing.
 
 The tokenizer and chat template come from the offline demo model; embedding
 rows past its vocabulary are zeroed so they are never sampled. Build it where
 it runs (the weights are too big to carry to the GPU machine):
 
-    python bench/shaped_model.py OUT_DIR [--dtype bfloat16] [--layers 28]
+    python bench/shaped_model.py OUT_DIR [--shape qwen3-0.6b|qwen3-4b] [--dtype bfloat16]
+        [--layers N]
 """
 
 from __future__ import annotations
@@ -30,9 +31,21 @@ QWEN3_0_6B = {
     "rope_theta": 1000000.0,
     "tie_word_embeddings": True,
 }
+# Qwen3-4B's shape (its config.json); the vocabulary stays the demo tokenizer's, as above.
+QWEN3_4B = {
+    **QWEN3_0_6B,
+    "hidden_size": 2560,
+    "num_hidden_layers": 36,
+    "intermediate_size": 9728,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+}
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-4b": QWEN3_4B}
 
 
-def build(out: Path, *, dtype: str, layers: int) -> Path:
+def build(out: Path, *, dtype: str, layers: int | None = None, shape: str = "qwen3-0.6b") -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import qwen3
@@ -46,7 +59,12 @@ def build(out: Path, *, dtype: str, layers: int) -> Path:
             shutil.copy(tiny / name, out / name)
         tiny_config = json.loads((tiny / "config.json").read_text())
     known_vocab = int(tiny_config["vocab_size"])
-    config = {**QWEN3_0_6B, "num_hidden_layers": layers, "torch_dtype": dtype}
+    base = SHAPES[shape]
+    config = {
+        **base,
+        "num_hidden_layers": layers or base["num_hidden_layers"],
+        "torch_dtype": dtype,
+    }
     config["eos_token_id"] = tiny_config["eos_token_id"]
     mx.random.seed(0)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
@@ -69,9 +87,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out", type=Path)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--layers", type=int, default=QWEN3_0_6B["num_hidden_layers"])
+    p.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="default: the shape's")
     args = p.parse_args()
-    sys.stdout.write(f"{build(args.out, dtype=args.dtype, layers=args.layers)}\n")
+    built = build(args.out, dtype=args.dtype, layers=args.layers, shape=args.shape)
+    sys.stdout.write(f"{built}\n")
     return 0
 
 
