@@ -78,7 +78,7 @@ log = logging.getLogger("bridge.scheduler")
 # this long.
 WARM_UP_IDLE_S = 0.5
 
-DEFAULT_MAX_CONCURRENCY = 32
+DEFAULT_MAX_CONCURRENCY = 64
 
 
 def info_reply(engine: Engine, request: Info, batch: BatchStats | None = None) -> InfoReply:

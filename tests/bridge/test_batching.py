@@ -58,7 +58,7 @@ def interleaved(lines: dict[object, list[Line]]) -> bool:
 
 def test_hello_reports_the_capacity(worker: WorkerProcess) -> None:
     limits = worker.call({"cmd": "hello", "id": "h"})["limits"]
-    assert limits["max_concurrency"] == 32
+    assert limits["max_concurrency"] == 64
     assert limits["prefill_chunk_tokens"] == 512
 
 

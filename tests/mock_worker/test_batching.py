@@ -151,7 +151,7 @@ def test_hello_reports_max_concurrency_and_info_the_batch() -> None:
 
 def test_default_max_concurrency_in_hello() -> None:
     with MockWorker() as worker:
-        assert worker.call({"cmd": "hello", "id": "h"})["limits"]["max_concurrency"] == 32
+        assert worker.call({"cmd": "hello", "id": "h"})["limits"]["max_concurrency"] == 64
 
 
 def test_more_requests_than_max_concurrency_wait_their_turn() -> None:

@@ -80,7 +80,8 @@ def kv_budget(budget: int | None, *, weights: int, share: float) -> int:
 
     free = available_memory(None, freed=0)
     if mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available():
-        total = mx.device_info().get("memory_size")
+        info = mx.device_info()
+        total = info.get("memory_size", info.get("total_memory"))
         if isinstance(total, int) and total > 0:
             free = total - int(mx.get_active_memory())
     return max(0, int(free * share))
