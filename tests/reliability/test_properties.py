@@ -100,7 +100,7 @@ def test_quit_ends_everything_in_flight_then_exits_0(
     assert rc == 0, f"exit status {rc}; stderr:\n{child.stderr_tail}"
     assert took < 5.0, f"the worker took {took:.1f} s to exit after quit"
     lines = [orjson.loads(raw) for raw in out]
-    terminals = [line for line in lines if line.get("type") != "token"]
+    terminals = [line for line in lines if line.get("type") not in ("token", "progress")]
     if quit_id is not None:
         assert terminals and terminals[-1] == {"type": "bye", "id": quit_id, "ok": True}, terminals[
             -3:
