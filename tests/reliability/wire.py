@@ -482,7 +482,10 @@ class FuzzWorker:
             )
         elif missing > 0:
             lost = [
-                _short(line, 300) for slot in expected.values() if slot.missing for _, line in slot.sent
+                _short(line, 300)
+                for slot in expected.values()
+                if slot.missing
+                for _, line in slot.sent
             ]
             violations.append(f"lost: {missing} terminal line(s) never came: {lost}")
         violations += self._check(expected, refusals or {})
