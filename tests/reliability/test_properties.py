@@ -186,8 +186,8 @@ def test_the_model_flags_what_a_batching_worker_must_not_write(tmp_path: Path) -
         {"type": "token", "id": "r", "token": "a", "token_id": 5},
     ]
     violations: list[str] = []
-    for line in out:
-        fuzz._take(orjson.dumps(line), expected, violations)
+    for reply in out:
+        fuzz._take(orjson.dumps(reply), expected, violations)
     violations += fuzz._check(expected, {})
     want = [
         "misrouted: a progress line for a request that did not ask",
