@@ -320,6 +320,7 @@ def _sampling(cmd: str) -> list[FieldSpec]:
         FieldSpec(cmd, ("logprobs",), "int", minimum=0, maximum=20),
         FieldSpec(cmd, ("cache_key",), "nonempty"),
         FieldSpec(cmd, ("mock",), "object"),
+        FieldSpec(cmd, ("progress",), "bool"),
     ]
 
 
@@ -395,6 +396,7 @@ FIELDS: tuple[FieldSpec, ...] = (
         base={**TOOLS, "tools": None, "logit_bias": {"2": 1000}},
     ),
     FieldSpec("chat", ("cache_key",), "nonempty"),
+    FieldSpec("chat", ("progress",), "bool"),
     FieldSpec("load", ("path",), "nonempty", required=True),
     FieldSpec("load", ("adapter_path",), "nonempty"),
     FieldSpec("load", ("context_len",), "int", minimum=1),
@@ -403,6 +405,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("load", ("gpu_layers",), "int"),
     FieldSpec("load", ("parallel_slots",), "int"),
     FieldSpec("load", ("mock",), "object"),
+    FieldSpec("load", ("progress",), "bool"),
     FieldSpec("tokenize", ("text",), "str", required=True),
     FieldSpec("tokenize", ("add_special_tokens",), "bool"),
     FieldSpec("detokenize", ("tokens",), "list", required=True),

@@ -1,17 +1,23 @@
 """One real worker driven with arbitrary input lines, and the invariants it must keep.
 
 ``FuzzWorker.exchange(lines)`` sends a batch of raw lines to one ``python -m
-bridge`` (the tiny model loaded), then a queued sentinel request; the worker
-answers queued requests in order and the others on arrival, so once the
-sentinel's reply is in, every line the batch will get has been written. It
-returns the violations it saw, as readable strings (an empty list: all held):
+bridge`` (the tiny model loaded), then a sentinel request, and reads until the
+sentinel and every request of the batch have their terminal line; then one
+more request (the barrier) whose reply comes after everything the worker
+wrote for the batch (a line for an ended request would come before it). The
+worker batches: lines of different requests in flight interleave, and a
+``tokenize`` sentinel does not wait for running generations, so neither
+closes the batch alone. It returns the violations it saw, as readable strings
+(an empty list: all held):
 
 - the worker stays alive (and answers the sentinel);
 - stdout carries only JSON lines, each a reply the schema accepts;
 - every request gets exactly one terminal line: its reply, ``done`` or
   ``error`` (``cancel`` never gets one, blank lines are ignored, a line that
-  is not a request gets one ``error`` without ``id``), and ``token`` lines
-  only for ``generate`` and ``chat``;
+  is not a request gets one ``error`` without ``id``), ``token`` lines
+  only for ``generate`` and ``chat``, ``progress`` lines (not terminal) only
+  for addressed ``generate``/``chat``/``load`` requests that asked
+  (``"progress": true``), and no line for a request after its terminal line;
 - no ``internal`` error code, whatever came in.
 
 What each line must get is worked out from the line alone, the way the
@@ -42,7 +48,7 @@ from typing import Any
 import orjson
 import psutil
 
-from protocol.conformance.session import REPLY_TYPE, STREAMING
+from protocol.conformance.session import PROGRESS_COMMANDS, REPLY_TYPE, STREAMING
 from tests.harness import ROOT, Line, worker_env
 from tests.schema_check import validate_reply
 
@@ -74,6 +80,17 @@ class Sent:
     kind: Kind
     cmd: object = None
     id: object = None
+    progress: bool = False  # "progress": true
+
+    @property
+    def may_progress(self) -> bool:
+        """Whether ``progress`` lines may come for it (addressed, and it asked)."""
+        return (
+            self.kind is Kind.ADDRESSED
+            and self.progress
+            and isinstance(self.cmd, str)
+            and self.cmd in PROGRESS_COMMANDS
+        )
 
     @property
     def allowed(self) -> frozenset[str]:
@@ -109,7 +126,9 @@ def classify(line: bytes, max_line_bytes: int = MAX_LINE_BYTES) -> Sent:
         return Sent(Kind.CANCEL, cmd, rid)
     if cmd == "quit":
         return Sent(Kind.QUIT, cmd, rid)
-    return Sent(Kind.LEGACY if rid is None else Kind.ADDRESSED, cmd, rid)
+    return Sent(
+        Kind.LEGACY if rid is None else Kind.ADDRESSED, cmd, rid, obj.get("progress") is True
+    )
 
 
 @dataclass
@@ -148,14 +167,23 @@ class _Expected:
     sent: list[tuple[Sent, bytes]] = field(default_factory=list)
     terminals: list[Line] = field(default_factory=list)
     tokens_after_end: int = 0
+    progress_after_end: int = 0
 
     @property
     def count(self) -> int:
         return len(self.sent)
 
     @property
+    def missing(self) -> int:
+        return max(0, self.count - len(self.terminals))
+
+    @property
     def streams(self) -> bool:
         return any(isinstance(s.cmd, str) and s.cmd in STREAMING for s, _ in self.sent)
+
+    @property
+    def may_progress(self) -> bool:
+        return any(s.may_progress for s, _ in self.sent)
 
     @property
     def allowed(self) -> frozenset[str]:
@@ -361,9 +389,11 @@ class FuzzWorker:
         self.stats.lines += len(lines)
         self.stats.requests += kinds[Kind.LEGACY] + kinds[Kind.ADDRESSED] + kinds[Kind.CANCEL]
         self.stats.examples += 1
-        # A queued request after the batch: the worker runs queued requests in
-        # order, and answers the others on arrival, so once its reply is in,
-        # every line the batch will ever get has been written.
+        # A sentinel request after the batch. The worker batches: the
+        # sentinel's reply may come before generations of the batch end, so the
+        # batch is over once the sentinel and every request have their
+        # terminal line; then a barrier request, whose reply comes after any
+        # line the worker still wrote for the batch (checked like the others).
         self._serial += 1
         sentinel = f"fuzz-sentinel-{self._serial}"
         try:
@@ -382,24 +412,42 @@ class FuzzWorker:
         settle = self.settle_s if settle_s is None else settle_s
         cleanup_sent = False
         deadline = time.monotonic() + settle
-        died = ended = False
-        while not ended:
+        died = False
+        sentinel_done = barrier = False
+        while True:
+            if sentinel_done and not barrier and not any(e.missing for e in expected.values()):
+                barrier = True  # every request ended: now the barrier
+                self._serial += 1
+                sentinel = f"fuzz-barrier-{self._serial}"
+                sentinel_done = False
+                try:
+                    child.write(
+                        orjson.dumps({"cmd": "tokenize", "id": sentinel, "text": "x"}) + b"\n"
+                    )
+                except OSError:
+                    died = True
+                    break
+                deadline = time.monotonic() + CANCEL_GRACE_S
+            if barrier and sentinel_done:
+                break
             try:
                 if time.monotonic() > deadline:
-                    raise queue.Empty  # also while a stream keeps the queue busy
+                    raise queue.Empty  # also while a stream keeps the worker busy
                 raw = child.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                if cleanup_sent:
-                    violations.append(
-                        "lost: the sentinel request after the batch was never answered"
-                    )
+                if cleanup_sent or barrier:
+                    if not sentinel_done:
+                        what = "barrier" if barrier else "sentinel"
+                        violations.append(
+                            f"lost: the {what} request after the batch was never answered"
+                        )
                     break
                 # Cancel what still runs (a huge max_tokens, a long prefill).
                 if bounded:
                     running = [
                         _short(line, 150)
                         for slot in expected.values()
-                        if len(slot.terminals) < slot.count
+                        if slot.missing
                         for _, line in slot.sent
                     ]
                     violations.append(
@@ -422,10 +470,10 @@ class FuzzWorker:
                         orjson.dumps({"cmd": "tokenize", "id": sentinel, "text": "x"}) + b"\n"
                     )
                     continue
-                ended = True
+                sentinel_done = True
                 continue
             self._take(raw, expected, violations)
-        missing = sum(max(0, e.count - len(e.terminals)) for e in expected.values())
+        missing = sum(e.missing for e in expected.values())
         if died or not child.alive():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(5)
@@ -436,7 +484,7 @@ class FuzzWorker:
             lost = [
                 _short(line, 300)
                 for slot in expected.values()
-                if len(slot.terminals) < slot.count
+                if slot.missing
                 for _, line in slot.sent
             ]
             violations.append(f"lost: {missing} terminal line(s) never came: {lost}")
@@ -487,6 +535,15 @@ class FuzzWorker:
             elif slot.count == 1 and slot.terminals:
                 slot.tokens_after_end += 1
             return 0
+        if kind == "progress":  # an event line, not terminal
+            if not slot.may_progress:
+                violations.append(
+                    "misrouted: a progress line for a request that did not ask for progress: "
+                    f"{_short(line)} (sent: {[_short(s[1], 150) for s in slot.sent]})"
+                )
+            elif slot.count == 1 and slot.terminals:
+                slot.progress_after_end += 1
+            return 0
         self.stats.terminal_lines += 1
         slot.terminals.append(line)
         if len(slot.terminals) > slot.count:
@@ -532,6 +589,11 @@ class FuzzWorker:
             if slot.tokens_after_end:
                 out.append(
                     f"extra: {slot.tokens_after_end} token line(s) after the terminal line for id {key}"
+                )
+            if slot.progress_after_end:
+                out.append(
+                    f"extra: {slot.progress_after_end} progress line(s) after the terminal line "
+                    f"for id {key}"
                 )
             if key is None:
                 continue
