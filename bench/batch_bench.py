@@ -68,6 +68,7 @@ SOURCES = [
     "threading.py",
 ]
 SECTIONS = (
+    "solo_ab",
     "stream_generate",
     "batch_generator",
     "pipe",
@@ -464,6 +465,53 @@ def section_stream_generate(args: argparse.Namespace, mlx: InProcess) -> dict[st
         "decode_tps": median([row["decode_tps"] for row in rows]),
         "ttft_ms": median([row["ttft_ms"] for row in rows]),
         "tokens": median([row["tokens"] for row in rows]),
+    }
+
+
+def section_solo_ab(args: argparse.Namespace, mlx: InProcess) -> dict[str, Any]:
+    """One stream, in process and through the pipe by turns (the first pair
+    warms up), so that both see the same moment of a shared, noisy machine."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=0.0)
+    pipe, _, _ = open_pipe(args)
+    rows: list[dict[str, Any]] = []
+    try:
+        for r in range(args.rounds + 2):
+            text = prompt(WARM_OFFSET + 500 + r, args.prompt_chars)
+            started = time.perf_counter()
+            stamps = []
+            for _ in stream_generate(
+                mlx.model,
+                mlx.tokenizer,
+                mx.array(mlx.ids(text)),
+                max_tokens=args.max_tokens,
+                sampler=sampler,
+            ):
+                stamps.append(time.perf_counter())
+            piped = pipe_round(pipe, "ab", [text], args.max_tokens)
+            ip_tps = decode_tps(stamps)
+            if r and ip_tps and piped["decode_tps_median"]:
+                rows.append(
+                    {
+                        "in_process_tps": ip_tps,
+                        "in_process_ttft_ms": (stamps[0] - started) * 1000,
+                        "pipe_tps": piped["decode_tps_median"],
+                        "pipe_ttft_ms": piped["ttft_ms_median"],
+                        "ratio": piped["decode_tps_median"] / ip_tps,
+                    }
+                )
+    finally:
+        pipe.close()
+    return {
+        "rounds": rows,
+        "ratio_median": median([row["ratio"] for row in rows]),
+        "in_process_tps": median([row["in_process_tps"] for row in rows]),
+        "pipe_tps": median([row["pipe_tps"] for row in rows]),
+        "in_process_ttft_ms": median([row["in_process_ttft_ms"] for row in rows]),
+        "pipe_ttft_ms": median([row["pipe_ttft_ms"] for row in rows]),
     }
 
 
@@ -991,9 +1039,9 @@ def main() -> int:
     sections: dict[str, Any] = {}
     results["sections"] = sections
     started = time.perf_counter()
-    if {"stream_generate", "batch_generator"} & set(chosen):
+    if {"solo_ab", "stream_generate", "batch_generator"} & set(chosen):
         loaded = guarded(lambda: InProcess(args.model))
-        for name in ("stream_generate", "batch_generator"):
+        for name in ("solo_ab", "stream_generate", "batch_generator"):
             if name not in chosen:
                 continue
             log(name)
@@ -1001,6 +1049,8 @@ def main() -> int:
                 sections[name] = {"error": f"load: {loaded['error']}"}
             elif name == "stream_generate":
                 sections[name] = guarded(lambda: section_stream_generate(args, loaded))
+            elif name == "solo_ab":
+                sections[name] = guarded(lambda: section_solo_ab(args, loaded))
             else:
                 sections[name] = guarded(lambda: section_batch_generator(args, loaded))
         del loaded

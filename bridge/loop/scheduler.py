@@ -423,19 +423,25 @@ class BatchScheduler:
                 self._end(seq, "cancelled")
 
     def _end(self, seq: SeqId, reason: str, *, engine_done: bool = False) -> None:
+        """Write the request's ``done``, then take its sequence out of the decoder.
+
+        In that order: a removal from mlx-lm's batch waits for the step
+        already computing ahead, and the host should not wait for it too."""
         r = self._running.pop(seq, None)
         if r is None:
             return
         decoder = self._decoder
+        if self._lines is not None:
+            self._lines.flush()  # the other requests' tokens of this step go first
+        peak = decoder.peak_memory() if decoder is not None else 0
+        r.generation.finish(reason, peak_memory=peak)
+        if not self._running:
+            self._exclusive = False
         if not engine_done and decoder is not None:
             try:
                 decoder.remove(seq)
             except Exception:
                 log.exception("removing sequence %d failed", seq)
-        if not self._running:
-            self._exclusive = False
-        peak = decoder.peak_memory() if decoder is not None else 0
-        r.generation.finish(reason, peak_memory=peak)
 
     def _execute(self, job: Job) -> None:
         if job.cancelled:
