@@ -1039,6 +1039,14 @@ def main() -> int:
     sections: dict[str, Any] = {}
     results["sections"] = sections
     started = time.perf_counter()
+
+    def keep() -> None:
+        """Write what is measured so far: a run cut off by a time limit keeps it."""
+        if args.out:
+            results["wall_s"] = time.perf_counter() - started
+            results["summary"] = summary(sections, args.concurrency)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
     if {"solo_ab", "stream_generate", "batch_generator"} & set(chosen):
         loaded = guarded(lambda: InProcess(args.model))
         for name in ("solo_ab", "stream_generate", "batch_generator"):
@@ -1053,6 +1061,7 @@ def main() -> int:
                 sections[name] = guarded(lambda: section_solo_ab(args, loaded))
             else:
                 sections[name] = guarded(lambda: section_batch_generator(args, loaded))
+            keep()
         del loaded
         mx.clear_cache()
     runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -1066,6 +1075,7 @@ def main() -> int:
         if name in chosen:
             log(name)
             sections[name] = guarded(lambda run=run: run(args))
+            keep()
     results["wall_s"] = time.perf_counter() - started
     results["summary"] = summary(sections, args.concurrency)
     text = json.dumps(results, indent=2)
