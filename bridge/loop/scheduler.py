@@ -365,6 +365,7 @@ class BatchScheduler:
             return True
         self._running[seq] = _Running(generation=generation, rows=rows)
         self._exclusive = request.id is None
+        self._stats = self._snapshot()
         return True
 
     def _decoder_now(self) -> Decoder:
@@ -395,6 +396,7 @@ class BatchScheduler:
                 decoder.close()
             except Exception:
                 log.exception("decoder close failed")
+            self._stats = self._snapshot()
             return
         running = self._running
         tokens = 0
@@ -442,6 +444,7 @@ class BatchScheduler:
                 decoder.remove(seq)
             except Exception:
                 log.exception("removing sequence %d failed", seq)
+        self._stats = self._snapshot()  # info between two steps sees it gone
 
     def _execute(self, job: Job) -> None:
         if job.cancelled:

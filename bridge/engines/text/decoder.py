@@ -74,6 +74,9 @@ class _Seq:
     fed: list[int] = field(default_factory=list)  # the tokens ``cache`` holds, in order
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
     total: int = 0  # prompt tokens to feed (cached ones excluded)
+    # prompt tokens the solo lane had prefilled before a move to the batch,
+    # which counts only what it is given: its progress is offset by these
+    base: int = 0
     steps: Any = None  # generate_step's iterator once decoding
     # -- batch lane only --
     uid: int | None = None
@@ -269,6 +272,7 @@ class TextDecoder:
             prompt, history = [state.last_token], state.fed[:-1]
         else:
             prompt, history = state.pending, state.fed
+            state.base = state.total - len(state.pending)
         sampling = state.sampling
         sampling.at(state.emitted)
         (uid,) = self._generator().insert(
@@ -315,7 +319,8 @@ class TextDecoder:
             seq = by_uid.get(p.uid)
             if seq is not None:
                 done, total = p.progress
-                events.append(Prefilled(seq=seq, done=int(done), total=int(total)))
+                base = self._seqs[seq].base
+                events.append(Prefilled(seq=seq, done=base + int(done), total=base + int(total)))
         for r in responses:
             seq = by_uid.get(r.uid)
             if seq is None:
