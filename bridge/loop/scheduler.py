@@ -359,9 +359,11 @@ class BatchScheduler:
         except WireError as exc:
             job.fail(exc)
             return True
-        except Exception as exc:
+        except Exception as exc:  # the decoder may be half-way through a change: drop it
             log.exception("request %r could not start", request.id)
-            job.fail(Internal(f"{type(exc).__name__}: {exc}"))
+            error = Internal(f"{type(exc).__name__}: {exc}")
+            job.fail(error)
+            self._fail_running(decoder, error)
             return True
         self._running[seq] = _Running(generation=generation, rows=rows)
         self._exclusive = request.id is None
@@ -387,16 +389,9 @@ class BatchScheduler:
             events = decoder.step()
         except Exception as exc:  # an engine failure: every running sequence ends with it
             log.exception("decode step failed")
-            error = Internal(f"decode step failed: {type(exc).__name__}: {exc}")
-            for seq in list(self._running):
-                self._running.pop(seq).generation.job.fail(error)
-            self._exclusive = False
-            self._decoder = None
-            try:
-                decoder.close()
-            except Exception:
-                log.exception("decoder close failed")
-            self._stats = self._snapshot()
+            self._fail_running(
+                decoder, Internal(f"decode step failed: {type(exc).__name__}: {exc}")
+            )
             return
         running = self._running
         tokens = 0
@@ -419,31 +414,46 @@ class BatchScheduler:
         self._rate.add(tokens, elapsed)
         self._stats = self._snapshot()
 
+    def _fail_running(self, decoder: Decoder, error: WireError) -> None:
+        """End every running sequence with ``error`` and drop the decoder, whose
+        state can no longer be trusted; the next admission gets a fresh one."""
+        for seq in list(self._running):
+            self._running.pop(seq).generation.job.fail(error)
+        self._exclusive = False
+        self._decoder = None
+        try:
+            decoder.close()
+        except Exception:
+            log.exception("decoder close failed")
+        self._stats = self._snapshot()
+
     def _release_cancelled(self) -> None:
         for seq, r in list(self._running.items()):
             if r.generation.cancelled:
                 self._end(seq, "cancelled")
 
     def _end(self, seq: SeqId, reason: str, *, engine_done: bool = False) -> None:
-        """Write the request's ``done``, then take its sequence out of the decoder.
+        """Take the sequence out of the decoder, then write the request's ``done``.
 
-        In that order: a removal from mlx-lm's batch waits for the step
-        already computing ahead, and the host should not wait for it too."""
+        In that order, so that ``done`` means the sequence is gone: an engine
+        that cannot let it go (mock_worker's ``ignore_cancel``) never writes
+        it. Writing ``done`` first saved nothing measurable on the H200
+        (docs/benchmarks.md, cancel)."""
         r = self._running.pop(seq, None)
         if r is None:
             return
         decoder = self._decoder
+        if not engine_done and decoder is not None:
+            try:
+                decoder.remove(seq)
+            except Exception:
+                log.exception("removing sequence %d failed", seq)
         if self._lines is not None:
             self._lines.flush()  # the other requests' tokens of this step go first
         peak = decoder.peak_memory() if decoder is not None else 0
         r.generation.finish(reason, peak_memory=peak)
         if not self._running:
             self._exclusive = False
-        if not engine_done and decoder is not None:
-            try:
-                decoder.remove(seq)
-            except Exception:
-                log.exception("removing sequence %d failed", seq)
         self._stats = self._snapshot()  # info between two steps sees it gone
 
     def _execute(self, job: Job) -> None:

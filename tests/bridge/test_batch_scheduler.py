@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from bridge.engines.engine_protocol import Decoder, Event, Prepared, SeqId, ShouldAbort
 from bridge.loop.jobs import Job, QueuedRequest
 from bridge.loop.scheduler import BatchScheduler
 from mock_worker.engine import ScriptedEngine
@@ -65,3 +66,64 @@ def test_stats_forget_a_sequence_cancelled_while_decoding(scheduler: BatchSchedu
     time.sleep(0.1)  # nothing runs now: no later step refreshes the figures
     stats = scheduler.stats()
     assert (stats.running, stats.prefilling, stats.kv_reserved_bytes) == (0, 0, 0)
+
+
+class FailingAdds(ScriptedEngine):
+    """A scripted engine whose decoder fails to take a sequence when told to."""
+
+    def __init__(self) -> None:
+        super().__init__(faults=Faults(token_delay=0.02))
+        self.fail_next = False
+
+    def decoder(self) -> Decoder:
+        return _FailingDecoder(super().decoder(), self)
+
+
+class _FailingDecoder:
+    def __init__(self, inner: Decoder, engine: FailingAdds) -> None:
+        self._inner = inner
+        self._engine = engine
+        self.capacity = inner.capacity
+        self.kv = inner.kv
+
+    def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
+        if self._engine.fail_next:
+            self._engine.fail_next = False
+            raise RuntimeError("the batch could not take it")
+        return self._inner.add(seq, prepared, should_abort=should_abort)
+
+    def remove(self, seq: SeqId) -> None:
+        self._inner.remove(seq)
+
+    def step(self) -> Sequence[Event]:
+        return self._inner.step()
+
+    def peak_memory(self) -> int:
+        return self._inner.peak_memory()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_a_decoder_that_fails_to_add_ends_every_running_request_and_recovers() -> None:
+    """A failed admission may leave the decoder half-changed: the running
+    requests end with ``internal`` too, and the next request gets a fresh decoder."""
+    engine = FailingAdds()
+    s = BatchScheduler(engine)
+    s.start()
+    s.release_warm_up()
+    try:
+        assert run(s, Load(id="load", path="mock")).ended.wait(5.0)
+        first = run(s, Generate(id="a", prompt="a b c", sampling=Sampling(max_tokens=10_000)))
+        wait_for(lambda: any(isinstance(r, TokenEvent) for r in first.lines))
+        engine.fail_next = True
+        second = run(s, Generate(id="b", prompt="d e", sampling=Sampling(max_tokens=3)))
+        assert first.ended.wait(5.0) and second.ended.wait(5.0)
+        for replies in (first, second):
+            assert getattr(replies.lines[-1], "code", None) == "internal"
+        third = run(s, Generate(id="c", prompt="f g", sampling=Sampling(max_tokens=3)))
+        assert third.ended.wait(5.0)
+        done = third.lines[-1]
+        assert isinstance(done, Done) and done.finish_reason == "length"
+    finally:
+        assert s.shutdown(5.0)

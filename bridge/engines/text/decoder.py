@@ -21,6 +21,10 @@ computes token *k + 1* as the old lane had (greedy output is identical:
 position (:mod:`bridge.engines.mlx.sampling`), so it is told where the
 sequence is.
 
+A model whose KV cache cannot be trimmed (recurrent layers keep a state,
+not a list of positions) cannot be moved between the lanes without changing
+its tokens: it decodes one sequence at a time (capacity 1), on the solo lane.
+
 Prompt caches come from and go back to the engine's
 :class:`~bridge.engines.text.prompt_cache.PromptCacheStore`: a sequence takes
 its slot when added (the cache goes into ``insert(caches=…)``) and puts the
@@ -102,7 +106,11 @@ class TextDecoder:
         self._model = model
         self._tokenizer = tokenizer
         self._caches = caches
-        self._capacity = max(1, capacity)
+        # Moving a sequence between the lanes trims its KV cache by one token;
+        # a model whose cache cannot be trimmed (recurrent layers' states)
+        # decodes one sequence at a time instead of giving wrong tokens.
+        self._movable = _trimmable(self._new_cache_of(model, max_kv_size))
+        self._capacity = max(1, capacity) if self._movable else 1
         self._prefill_step = prefill_step_size
         self._prefill_batch = max(1, min(prefill_batch_size, self._capacity))
         self._max_kv_size = max_kv_size
@@ -357,11 +365,15 @@ class TextDecoder:
             )
         return Step(text=piece, token_id=token, is_eos=is_eos, finish_reason=finish)
 
-    def _new_cache(self) -> KVCache:
+    @staticmethod
+    def _new_cache_of(model: nn.Module, max_kv_size: int | None) -> KVCache:
         from mlx_lm.models.cache import make_prompt_cache
 
-        cache: KVCache = make_prompt_cache(self._model, max_kv_size=self._max_kv_size)
+        cache: KVCache = make_prompt_cache(model, max_kv_size=max_kv_size)
         return cache
+
+    def _new_cache(self) -> KVCache:
+        return self._new_cache_of(self._model, self._max_kv_size)
 
     def _keep(self, state: _Seq, tokens: Sequence[int], cache: KVCache | None) -> None:
         if cache is None:
@@ -370,3 +382,9 @@ class TextDecoder:
             self._caches.put(state.cache_key, tokens, cache)
         except Exception:  # losing a warm cache must not fail the request
             log.exception("prompt cache: could not keep slot %r", state.cache_key)
+
+
+def _trimmable(cache: KVCache) -> bool:
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    return bool(can_trim_prompt_cache(cache))
