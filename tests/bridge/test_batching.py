@@ -323,3 +323,25 @@ def test_supervisor_streams_are_routed_and_equal_alone(tiny_model: Path) -> None
         for t in threads:
             t.join(60)
         assert got == alone
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x", "1e3", "", "9" * 400])
+def test_a_bad_max_concurrency_is_refused_at_start(value: str) -> None:
+    import subprocess
+
+    from supervisor import module_command
+    from tests.harness import ROOT, worker_env
+
+    done = subprocess.run(
+        [*module_command("bridge"), "--max-concurrency", value],
+        capture_output=True,
+        env=worker_env(),
+        cwd=ROOT,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    if value == "9" * 400:  # a huge cap is only a cap: the worker starts and serves
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2
+    assert b"--max-concurrency" in done.stderr

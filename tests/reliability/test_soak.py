@@ -11,7 +11,7 @@ from tests.reliability.soak import soak
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize(("kind", "requests", "warmup"), [("sync", 300, 100), ("async", 100, 50)])
+@pytest.mark.parametrize(("kind", "requests", "warmup"), [("sync", 300, 300), ("async", 100, 100)])
 def test_soak(tiny_model: Path, kind: str, requests: int, warmup: int) -> None:
     report = soak(
         tiny_model, requests=requests, kind=kind, concurrency=16, cancel_rate=0.2, warmup=warmup
