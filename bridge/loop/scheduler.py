@@ -112,7 +112,8 @@ class BatchScheduler:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="bridge-engine", daemon=True)
         self._warm_go = threading.Event()
-        # engine thread only (the stats are snapshots any thread may read)
+        # Changed on the engine thread only; ``_running`` and ``_head`` under
+        # ``_cond``, since the stdin thread reads them (the stats are snapshots).
         self._lines = LineBatch(write) if write is not None else None
         self._decoder: Decoder | None = None
         self._running: dict[SeqId, _Running] = {}
@@ -213,10 +214,6 @@ class BatchScheduler:
             queued = len(self._queue) + (1 if self._head is not None else 0)
         return _replace_queued(stats, queued)
 
-    @property
-    def max_concurrency(self) -> int:
-        return self._max_concurrency
-
     # -- the engine thread ---------------------------------------------------------
 
     def _unaddressed(self) -> list[Job]:
@@ -252,9 +249,10 @@ class BatchScheduler:
         finally:
             for seq in list(self._running):
                 self._end(seq, "cancelled")
-            if self._head is not None:
-                self._head[0].finish_cancelled("worker shutting down")
-                self._head = None
+            with self._cond:
+                head, self._head = self._head, None
+            if head is not None:
+                head[0].finish_cancelled("worker shutting down")
             self._close_decoder()
             self._engine.close()
 
@@ -365,7 +363,8 @@ class BatchScheduler:
             job.fail(error)
             self._fail_running(decoder, error)
             return True
-        self._running[seq] = _Running(generation=generation, rows=rows)
+        with self._cond:  # the stdin thread reads it (cancel all, shutdown)
+            self._running[seq] = _Running(generation=generation, rows=rows)
         self._exclusive = request.id is None
         self._stats = self._snapshot()
         return True
@@ -417,8 +416,11 @@ class BatchScheduler:
     def _fail_running(self, decoder: Decoder, error: WireError) -> None:
         """End every running sequence with ``error`` and drop the decoder, whose
         state can no longer be trusted; the next admission gets a fresh one."""
-        for seq in list(self._running):
-            self._running.pop(seq).generation.job.fail(error)
+        with self._cond:
+            failed = list(self._running.values())
+            self._running.clear()
+        for r in failed:
+            r.generation.job.fail(error)
         self._exclusive = False
         self._decoder = None
         try:
@@ -439,7 +441,8 @@ class BatchScheduler:
         that cannot let it go (mock_worker's ``ignore_cancel``) never writes
         it. Writing ``done`` first saved nothing measurable on the H200
         (docs/benchmarks.md, cancel)."""
-        r = self._running.pop(seq, None)
+        with self._cond:
+            r = self._running.pop(seq, None)
         if r is None:
             return
         decoder = self._decoder
