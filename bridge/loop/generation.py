@@ -33,22 +33,27 @@ Write = Callable[[bytes], None]
 
 
 class LineBatch:
-    """Encoded lines of one scheduler step, written with one call."""
+    """Encoded token lines of one scheduler step, written with one call.
+
+    A line whose request has ended by the time of the write (the worker's
+    shutdown fails a stuck request from another thread) is dropped, so that
+    nothing follows a request's terminal line."""
 
     __slots__ = ("_lines", "_write")
 
     def __init__(self, write: Write) -> None:
         self._write = write
-        self._lines: list[bytes] = []
+        self._lines: list[tuple[Job, bytes]] = []
 
-    def add(self, line: bytes) -> None:
-        self._lines.append(line)
+    def add(self, job: Job, line: bytes) -> None:
+        self._lines.append((job, line))
 
     def flush(self) -> None:
         if self._lines:
-            data = b"".join(self._lines)
+            data = b"".join(line for job, line in self._lines if not job.finished)
             self._lines.clear()
-            self._write(data)
+            if data:
+                self._write(data)
 
 
 class Generation:
@@ -167,7 +172,7 @@ class Generation:
             and step.top_logprobs is None
         ):
             if not self.job.finished:
-                lines.add(self._token_lines(text, step.token_id))
+                lines.add(self.job, self._token_lines(text, step.token_id))
             return
         if lines is not None:
             lines.flush()

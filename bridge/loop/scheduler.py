@@ -251,6 +251,9 @@ class BatchScheduler:
                 self._take()
                 if self._running:
                     self._step()
+                    # Hand the GIL over for a moment: a stdin thread holding a
+                    # cancel line gets to read it before the cancels are looked at.
+                    time.sleep(0)
                 self._release_cancelled()
         finally:
             for seq in list(self._running):

@@ -135,3 +135,17 @@ def test_a_cancelled_job_stops_at_the_next_step() -> None:
     job.cancel()
     drive(FakeEngine(STEPS, out), job)
     assert [orjson.loads(line)["type"] for line in out] == ["done"]
+
+
+def test_a_step_s_lines_skip_a_request_that_ended_meanwhile() -> None:
+    """Shutdown may fail a stuck request from another thread while its token
+    line waits in the step's batch: the line is dropped, the others written."""
+    out: list[bytes] = []
+    lines = LineBatch(out.append)
+    ended = Job(request=generate(id=1), send=lambda r: out.append(encode(r)), write=out.append)
+    alive = Job(request=generate(id=2), send=lambda r: out.append(encode(r)), write=out.append)
+    lines.add(ended, b"late\n")
+    lines.add(alive, b"kept\n")
+    assert ended.finish_cancelled()
+    lines.flush()
+    assert out[-1] == b"kept\n" and b"late\n" not in out
