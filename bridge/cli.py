@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import protocol
 from bridge.arguments import existing_directory, non_negative_int, positive_int
-from bridge.loop.scheduler import DEFAULT_MAX_CONCURRENCY
+from bridge.engines.engine_protocol import DEFAULT_MAX_CONCURRENCY
 from bridge.loop.server import ServeOptions, serve
 from protocol.codec import DEFAULT_MAX_LINE_BYTES
 

@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.engines.engine_protocol import Decoder, Prepared, ReportLoad
-from bridge.loop.scheduler import DEFAULT_MAX_CONCURRENCY
+from bridge.engines.engine_protocol import DEFAULT_MAX_CONCURRENCY, Decoder, Prepared, ReportLoad
 from bridge.model_dir.files import confine
 from bridge.model_dir.remote_code import remote_code_allowed
 from protocol.errors import InvalidRequest, NoModel, VisionNotSupported, error_from_code

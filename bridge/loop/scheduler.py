@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from bridge.engines.engine_protocol import (
+    DEFAULT_MAX_CONCURRENCY,
     Decoded,
     Decoder,
     Engine,
@@ -78,9 +79,6 @@ log = logging.getLogger("bridge.scheduler")
 # this long.
 WARM_UP_IDLE_S = 0.5
 
-# 64: on the H200 the 0.6B shape decoded 3,795 tok/s at 64 streams against
-# 3,036 at 32 (docs/benchmarks.md); the KV-memory admission bounds it too.
-DEFAULT_MAX_CONCURRENCY = 64
 # ``info`` reports no decode rate once the batch has not stepped for this long.
 IDLE_RATE_S = 1.0
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from bridge.engines.engine_protocol import Engine
+from bridge.engines.engine_protocol import DEFAULT_MAX_CONCURRENCY, Engine
 from bridge.loop.jobs import Job
 from bridge.loop.router import Router
-from bridge.loop.scheduler import DEFAULT_MAX_CONCURRENCY, BatchScheduler
+from bridge.loop.scheduler import BatchScheduler
 from bridge.loop.scheduling import Scheduler
 from bridge.loop.signals import StopSignals
 from bridge.loop.stdio import LineWriter, claim_stdout, read_lines

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
 from bridge.engines.engine_protocol import (
+    DEFAULT_MAX_CONCURRENCY,
     AnswerParser,
     KvShape,
     LoadStep,
@@ -72,8 +73,6 @@ log = logging.getLogger("bridge.engine")
 DEFAULT_PREFILL_STEP = 512
 # New sequences prefilled together in one chunk (mlx-lm's default is 8).
 DEFAULT_PREFILL_BATCH = 8
-# Sequences decoded together, unless --max-concurrency says otherwise.
-DEFAULT_MAX_CONCURRENCY = 64
 # Share of the free memory after a load that KV caches may take in all, when
 # no --memory-budget is given (the rest is for activations and MLX's buffers).
 KV_SHARE = 0.8
