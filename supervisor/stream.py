@@ -99,19 +99,19 @@ class Stream(Generic[T]):
             assert isinstance(reply, Done)
             self._done = reply
             self._ended = True
+            self._run_end_hooks()
             self._cond.notify_all()
-        self._run_end_hooks()
 
     def fail(self, error: SupervisorError) -> None:
         with self._cond:
             self._error = error
             self._ended = True
+            self._run_end_hooks()
             self._cond.notify_all()
-        self._run_end_hooks()
 
     def _run_end_hooks(self) -> None:
-        with self._cond:
-            hooks, self._end_hooks = self._end_hooks, []
+        """Lock held: a reader woken by the end sees the hooks' effects."""
+        hooks, self._end_hooks = self._end_hooks, []
         for hook in hooks:
             hook()
 
@@ -154,9 +154,10 @@ class Stream(Generic[T]):
     def on_end(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` once when the stream ends, however it ends (done,
         error, cancel, crash, close); at once if it has already ended. It runs
-        on the thread that ends the stream (often the worker's stdout thread):
-        it must be quick and must not call the worker. ``WorkerPool`` counts
-        a member's outstanding requests with it."""
+        on the thread that ends the stream (often the worker's stdout thread),
+        with the stream's lock held, before a reader waiting for the end wakes:
+        it must be quick and must not touch the stream or call the worker.
+        ``WorkerPool`` counts a member's outstanding requests with it."""
         with self._cond:
             if not self._ended:
                 self._end_hooks.append(hook)
