@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -129,6 +130,9 @@ class AsyncWorkerPool:
             lease.release()
             raise
         stream.on_end(lease.release)
+        # A stream dropped before it was ever sent (never entered nor read)
+        # does not end; its collection releases the lease instead.
+        weakref.finalize(stream, lease.release)
         return stream
 
     # -- requests -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ Each test runs its own event loop with ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -115,6 +116,26 @@ def test_a_member_crash_mid_load() -> None:
             assert victim.model is not None and victim.model.path == "mock-model"
             loaded = await pool.load("new-model")
             assert [m.model.path for m in loaded] == ["new-model"] * 2
+
+    run(main)
+
+
+def test_a_stream_never_sent_gives_its_place_back() -> None:
+    async def main() -> None:
+        async with async_mock_pool(members=2) as pool:
+            dropped = pool.generate("x", max_tokens=1)
+            assert pool.placement.outstanding(0) == 1
+            del dropped
+            gc.collect()
+            assert pool.placement.outstanding(0) == 0
+            closed = pool.generate("x", max_tokens=1)
+            await closed.aclose()
+            assert pool.placement.outstanding(0) == 0
+            done = pool.generate("x", max_tokens=1)
+            assert await done.text() == "x"
+            ended: list[int] = []
+            done.on_end(lambda: ended.append(1))  # after the end: at once
+            assert ended == [1] and (await pool.stats()).outstanding == 0
 
     run(main)
 

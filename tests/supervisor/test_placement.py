@@ -196,3 +196,10 @@ def test_worker_options_refuse_unknown_names() -> None:
     assert worker_options({"restart": None}) == {"restart": None}
     with pytest.raises(InvalidArgument, match="^invalid_request: command"):
         worker_options({"command": ["x"]})
+
+
+def test_the_pool_names_are_exported() -> None:
+    import supervisor
+
+    for name in ("WorkerPool", "AsyncWorkerPool", "PoolStats", "MemberStats"):
+        assert name in supervisor.__all__ and hasattr(supervisor, name)
