@@ -11,7 +11,7 @@ import os
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from protocol.replies import InfoReply, Loaded, ProgressEvent
 
@@ -31,6 +31,7 @@ from .placement import (
     text_chars,
     worker_options,
 )
+from .results import Token
 from .settings import USE_DEFAULT, Timeout
 
 if TYPE_CHECKING:
@@ -137,6 +138,30 @@ class AsyncWorkerPool:
 
     # -- requests -----------------------------------------------------------------------
 
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token]: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token | ProgressEvent]: ...
+
     def generate(
         self,
         prompt: str,
@@ -162,6 +187,34 @@ class AsyncWorkerPool:
                 **sampling,
             ),
         )
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token]: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> AsyncStream[Token | ProgressEvent]: ...
 
     def chat(
         self,

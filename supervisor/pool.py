@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from protocol.replies import InfoReply, Loaded, ProgressEvent
 
@@ -29,6 +29,7 @@ from .placement import (
     text_chars,
     worker_options,
 )
+from .results import Token
 from .settings import USE_DEFAULT, Timeout
 from .stream import Stream
 from .worker import Worker
@@ -153,6 +154,30 @@ class WorkerPool:
 
     # -- requests -----------------------------------------------------------------------
 
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token]: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token | ProgressEvent]: ...
+
     def generate(
         self,
         prompt: str,
@@ -179,6 +204,34 @@ class WorkerPool:
                 **sampling,
             ),
         )
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: Literal[False] = False,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token]: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[commands.Message],
+        *,
+        chat_template_kwargs: Mapping[str, object] | None = ...,
+        tools: Sequence[Mapping[str, object]] | None = ...,
+        cache_key: str | None = ...,
+        progress: bool,
+        timeout: Timeout = ...,
+        extra: commands.Extra | None = ...,
+        **sampling: Unpack[commands.SamplingOptions],
+    ) -> Stream[Token | ProgressEvent]: ...
 
     def chat(
         self,

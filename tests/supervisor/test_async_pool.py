@@ -55,9 +55,11 @@ def test_affinity_and_the_idle_member() -> None:
                 assert (await a.__anext__()).text == "conv"
                 assert (await b.__anext__()).text == "conv"
                 await b.aclose()
-                async with pool.generate("more a", cache_key="a", max_tokens=2) as again:
+                again = pool.generate("more a", cache_key="a", max_tokens=LONG, extra=SLOW)
+                async with again:
                     assert (await pool.stats()).members[0].outstanding == 2
-                    assert await again.text() == "more a"
+                    assert (await again.__anext__()).text == "more"
+                assert again.result.finish_reason == "cancelled"
                 third = pool.chat([{"role": "user", "content": "c"}], cache_key="c", max_tokens=2)
                 assert pool.placement.affinity("c") == 1
                 assert await third.text() == "c c"
@@ -104,7 +106,7 @@ def test_a_member_crash_mid_load() -> None:
             child = victim._sup.child
             assert child is not None
             load = asyncio.ensure_future(
-                pool.load("new-model", extra={"mock": {"load_delay": 2.0}})
+                pool.load("new-model", extra={"mock": {"load_delay": 5.0}})
             )
             await eventually(lambda: child.core.in_flight >= 1)
             os.kill(child.pid, signal.SIGKILL)
