@@ -15,6 +15,10 @@ Placement, for each ``generate`` or ``chat``:
    loaded usable member: the fewest outstanding requests, then the fewest
    tokens in flight, then the lowest index.
 
+A member being restarted stays usable: its requests wait for the restart,
+as a single ``Worker``'s do. Its prompt cache is gone, but its affinities
+are kept (the conversation's next turn rebuilds the cache there).
+
 "Tokens in flight" is an estimate, :func:`estimate_tokens`: a quarter of
 the prompt's characters (about one token per four characters of English)
 plus ``max_tokens``. It only breaks ties between members with as many

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -165,6 +166,19 @@ def test_aclose_with_streams_open_leaves_no_process() -> None:
         stats = await pool.stats()
         assert stats.alive == 0 and stats.outstanding == 0
         await pool.aclose()
+
+    run(main)
+
+
+def test_members_that_fail_to_start_raise_and_leave_nothing() -> None:
+    dead = [sys.executable, "-c", "import sys; sys.stderr.write('no luck'); sys.exit(3)"]
+
+    async def main() -> None:
+        pool = AsyncWorkerPool(dead, members=3, env=ENV, cwd=ROOT, **FAST)
+        with pytest.raises(WorkerCrashed, match="no luck"):
+            await pool.start()
+        assert not psutil.Process().children(recursive=True)
+        assert pool.closed
 
     run(main)
 

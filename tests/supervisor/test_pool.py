@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -176,6 +177,13 @@ def test_devices_give_each_member_its_device() -> None:
         seen = [psutil.Process(pid).environ().get("CUDA_VISIBLE_DEVICES") for pid in pool.pids]
         assert seen == ["0", "1", "0"]
         assert [m.device for m in pool.stats().members] == ["0", "1", "0"]
+
+
+def test_members_that_fail_to_start_raise_and_leave_nothing() -> None:
+    dead = [sys.executable, "-c", "import sys; sys.stderr.write('no luck'); sys.exit(3)"]
+    with pytest.raises(WorkerCrashed, match="no luck"):
+        WorkerPool(dead, members=3, env=ENV, cwd=ROOT, **FAST)
+    assert not psutil.Process().children(recursive=True)
 
 
 @pytest.mark.timeout(180)
