@@ -3,7 +3,9 @@
 ``Worker`` (threads) and ``AsyncWorker`` (asyncio) spawn ``python -P -m bridge``
 (or any command speaking the protocol, such as ``module_command("mock_worker")``),
 wait for its ``hello``, stream tokens, cancel, restart it after a crash if
-asked to, and close it in escalating steps. See ``supervisor.errors`` for
+asked to, and close it in escalating steps. ``WorkerPool`` and
+``AsyncWorkerPool`` run several behind the same API (one per device, or
+several on one), placing each request by affinity or load. See ``supervisor.errors`` for
 what can go wrong.
 """
 
@@ -18,6 +20,7 @@ from protocol.replies import (
     TopLogprob,
 )
 
+from .async_pool import AsyncWorkerPool
 from .async_stream import AsyncStream
 from .async_worker import AsyncWorker
 from .errors import (
@@ -30,6 +33,8 @@ from .errors import (
     WorkerCrashed,
     WorkerTimeout,
 )
+from .placement import MemberStats, PoolStats
+from .pool import WorkerPool
 from .restart import RestartPolicy
 from .results import StreamItem, StreamResult, Timings, Token, Usage, WorkerStats
 from .settings import USE_DEFAULT, module_command
@@ -41,13 +46,16 @@ __all__ = [
     "USE_DEFAULT",
     "AsyncStream",
     "AsyncWorker",
+    "AsyncWorkerPool",
     "HelloReply",
     "InfoReply",
     "InvalidArgument",
     "Loaded",
     "MemoryLimitExceeded",
+    "MemberStats",
     "MemoryStats",
     "ModelFacts",
+    "PoolStats",
     "ProgressEvent",
     "ProtocolError",
     "RequestError",
@@ -63,6 +71,7 @@ __all__ = [
     "Worker",
     "WorkerClosed",
     "WorkerCrashed",
+    "WorkerPool",
     "WorkerStats",
     "WorkerTimeout",
     "module_command",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
@@ -91,6 +91,7 @@ class AsyncStream(Generic[T]):
         self._done: Done | None = None
         self._error: SupervisorError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._end_hooks: list[Callable[[], None]] = []
         self._tokens = self._iterate()
 
     # -- Sink: called by the stdout task ------------------------------------------------
@@ -111,11 +112,18 @@ class AsyncStream(Generic[T]):
         self._done = reply
         self._ended.set()
         self._wake()
+        self._run_end_hooks()
 
     def fail(self, error: SupervisorError) -> None:
         self._error = error
         self._ended.set()
         self._wake()
+        self._run_end_hooks()
+
+    def _run_end_hooks(self) -> None:
+        hooks, self._end_hooks = self._end_hooks, []
+        for hook in hooks:
+            hook()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -177,12 +185,22 @@ class AsyncStream(Generic[T]):
             self._inbox = []
             self._error = error
             self._ended.set()
+            self._run_end_hooks()
         finally:
             self._waiter = None
 
     @property
     def ended(self) -> bool:
         return self._ended.is_set()
+
+    def on_end(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` once when the stream ends, however it ends; at once
+        if it has; see :meth:`Stream.on_end <supervisor.stream.Stream.on_end>`.
+        A stream closed before it was ever sent also runs it."""
+        if self._ended.is_set():
+            hook()
+        else:
+            self._end_hooks.append(hook)
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for the end (no more than ``timeout`` seconds); True if ended."""
@@ -215,6 +233,8 @@ class AsyncStream(Generic[T]):
 
     async def aclose(self) -> None:
         """Cancel if still running, and finish the token iterator."""
+        if self._child is None:
+            self._run_end_hooks()  # never sent: nothing will end it
         try:
             await self.cancel()
         finally:

@@ -296,6 +296,10 @@ class AsyncSupervision:
     # -- close ---------------------------------------------------------------------------
 
     @property
+    def alive(self) -> bool:
+        return self._state not in (State.DEAD, State.CLOSED)
+
+    @property
     def child(self) -> AsyncChild | None:
         return self._child
 
@@ -461,6 +465,12 @@ class AsyncWorker:
     @property
     def restarts(self) -> int:
         return self._sup.restarts
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker is closed, or has died with no restart left
+        (its requests then raise that error); True while starting or restarting."""
+        return self._sup.alive
 
     # -- requests -----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
@@ -77,6 +77,7 @@ class Stream(Generic[T]):
         self._ended = False
         self._done: Done | None = None
         self._error: SupervisorError | None = None
+        self._end_hooks: list[Callable[[], None]] = []
         self._tokens = self._iterate()
 
     # -- Sink: called by the stdout thread ---------------------------------------------
@@ -98,13 +99,21 @@ class Stream(Generic[T]):
             assert isinstance(reply, Done)
             self._done = reply
             self._ended = True
+            self._run_end_hooks()
             self._cond.notify_all()
 
     def fail(self, error: SupervisorError) -> None:
         with self._cond:
             self._error = error
             self._ended = True
+            self._run_end_hooks()
             self._cond.notify_all()
+
+    def _run_end_hooks(self) -> None:
+        """Lock held: a reader woken by the end sees the hooks' effects."""
+        hooks, self._end_hooks = self._end_hooks, []
+        for hook in hooks:
+            hook()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -141,6 +150,19 @@ class Stream(Generic[T]):
     @property
     def ended(self) -> bool:
         return self._ended
+
+    def on_end(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` once when the stream ends, however it ends (done,
+        error, cancel, crash, close); at once if it has already ended. It runs
+        on the thread that ends the stream (often the worker's stdout thread),
+        with the stream's lock held, before a reader waiting for the end wakes:
+        it must be quick and must not touch the stream or call the worker.
+        ``WorkerPool`` counts a member's outstanding requests with it."""
+        with self._cond:
+            if not self._ended:
+                self._end_hooks.append(hook)
+                return
+        hook()
 
     @property
     def result(self) -> StreamResult:

@@ -316,6 +316,10 @@ class Supervision:
     # -- close ---------------------------------------------------------------------------
 
     @property
+    def alive(self) -> bool:
+        return self._state not in (State.DEAD, State.CLOSED)
+
+    @property
     def child(self) -> SyncChild | None:
         return self._child
 
@@ -484,6 +488,12 @@ class Worker:
     @property
     def restarts(self) -> int:
         return self._sup.restarts
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker is closed, or has died with no restart left
+        (its requests then raise that error); True while starting or restarting."""
+        return self._sup.alive
 
     # -- requests -----------------------------------------------------------------------
 
