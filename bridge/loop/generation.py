@@ -81,7 +81,7 @@ class Generation:
         self.cached_tokens = 0
         self.tokens = 0
         self.finished = False
-        self._progress = bool(getattr(request, "progress", False)) and request.id is not None
+        self._progress = request.progress and request.id is not None
         self._first_at: float | None = None
         self._last_at: float | None = None
 
