@@ -34,7 +34,6 @@ from .faults import GARBAGE_LINE, Faults
 log = logging.getLogger("mock_worker")
 
 DEFAULT_CONTEXT_LEN = 4096
-TIMED_TOKENS = 64
 WriteRaw = Callable[[bytes], None]
 
 
