@@ -167,6 +167,10 @@ class LoadStep:
 ReportLoad = Callable[[LoadStep], None]
 
 
+def no_report(step: LoadStep) -> None:
+    """The ``ReportLoad`` of a load that did not ask for progress."""
+
+
 class Engine(Protocol):
     def warm_up(self) -> None:
         """First call on the engine thread: import heavy libraries."""

@@ -21,6 +21,7 @@ from bridge.engines.engine_protocol import (
     LoadStep,
     Prepared,
     ReportLoad,
+    no_report,
 )
 from bridge.engines.mlx.facts import model_facts
 from bridge.engines.mlx.install import mlx_problem, require_mlx
@@ -126,7 +127,7 @@ class MlxLmEngine:
     def load_checked(
         self, request: Load, files: ModelFiles, report: ReportLoad | None = None
     ) -> ModelFacts:
-        say = report or _silent
+        say = report or no_report
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory, needed = files.directory, files.weights_bytes
         adapter = str(files.adapter) if files.adapter is not None else None
@@ -361,10 +362,6 @@ def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[s
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
-
-
-def _silent(step: LoadStep) -> None:
-    pass
 
 
 def _answer_parser(

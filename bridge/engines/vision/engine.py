@@ -40,6 +40,7 @@ from bridge.engines.engine_protocol import (
     ReportLoad,
     ShouldAbort,
     Step,
+    no_report,
 )
 from bridge.engines.mlx.facts import model_facts
 from bridge.engines.mlx.memory import available_memory, clear_streams, free_cache, memory_stats
@@ -150,7 +151,7 @@ class MlxVlmEngine:
     ) -> ModelFacts:
         """Loads in one call to mlx-vlm: ``report`` hears ``checking``, the
         weights' bytes at 0 and when read, and ``ready``."""
-        say = report or _silent
+        say = report or no_report
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory, needed = files.directory, files.weights_bytes
         adapter = str(files.adapter) if files.adapter is not None else None
@@ -492,10 +493,6 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
-
-
-def _silent(step: LoadStep) -> None:
-    pass
 
 
 def _peak_memory() -> int:
