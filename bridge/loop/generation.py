@@ -80,7 +80,6 @@ class Generation:
         self.admitted_at = admitted_at
         self.cached_tokens = 0
         self.tokens = 0
-        self.finished = False
         self._progress = request.progress and request.id is not None
         self._first_at: float | None = None
         self._last_at: float | None = None
@@ -98,7 +97,7 @@ class Generation:
 
     def prefilled(self, done: int, total: int) -> None:
         rid = self.job.request.id
-        if self._progress and rid is not None and not self.finished and self._first_at is None:
+        if self._progress and rid is not None and not self.job.finished and self._first_at is None:
             self._send_event(ProgressEvent(id=rid, stage="prefill", done=done, total=total))
 
     def step(self, step: Step) -> str | None:
@@ -125,9 +124,8 @@ class Generation:
 
     def finish(self, reason: str, *, peak_memory: int = 0) -> None:
         """Write what the stop filter holds, then ``done``."""
-        if self.finished:
+        if self.job.finished:
             return
-        self.finished = True
         if not self._stops.stopped and reason != "cancelled":
             for held, text in self._stops.flush():
                 self._emit(held, text)
@@ -164,15 +162,10 @@ class Generation:
     def _emit(self, step: Step, text: str) -> None:
         if self._answer is not None:
             self._answer.append(text)
-        lines = self._lines
-        if (
-            lines is not None
-            and self._token_lines is not None
-            and step.logprob is None
-            and step.top_logprobs is None
-        ):
-            if not self.job.finished:
-                lines.add(self.job, self._token_lines(text, step.token_id))
+        lines, token_lines = self._lines, self._token_lines
+        plain = step.logprob is None and step.top_logprobs is None
+        if plain and lines is not None and token_lines is not None:
+            lines.add(self.job, token_lines(text, step.token_id))  # dropped if the job ends first
             return
         if lines is not None:
             lines.flush()
