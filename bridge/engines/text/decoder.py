@@ -1,4 +1,4 @@
-"""Many sequences of one mlx-lm model decoded together; one alone as fast as ``generate_step``.
+"""Many sequences of one mlx-lm model decoded together, and one alone on ``generate_step``.
 
 mlx-lm's ``BatchGenerator`` decodes a batch (left-padded ``BatchKVCache``,
 per-row samplers and logits processors, chunked prefill interleaved with
