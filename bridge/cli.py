@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import protocol
 from bridge.arguments import existing_directory, non_negative_int, positive_int
@@ -164,10 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Here, not at the top: mock_worker imports this module for its parser, and
     # the vision options pull in the image and routing code it never uses.
     from bridge.engines.vision.options import add_vision_options, routing_engine
+    from bridge.shard.launch import add_shard_options, run_sharded
 
     p = parser()
     add_engine_options(p)
     add_vision_options(p)
+    add_shard_options(p)
     args = p.parse_args(argv)
     setup_logging(args.log_level)
     from bridge.engines.mlx.cuda_attention import choose_cudnn_attention
@@ -175,16 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     choose_cudnn_attention(args.cudnn_attention)  # before the engine thread imports MLX
     from bridge.engines.text.engine import MlxLmEngine
 
-    text = MlxLmEngine(
-        prefill_step_size=args.prefill_step_size,
-        memory_budget=args.memory_budget,
-        prompt_cache_entries=args.prompt_cache_entries,
-        prompt_cache_bytes=args.prompt_cache_bytes,
-        trust_remote_code=args.trust_remote_code,
-        max_prompt_tokens=args.max_prompt_tokens or None,
-        max_concurrency=args.max_concurrency,
-    )
-    engine = routing_engine(text, args)
+    engine_options: dict[str, Any] = {
+        "prefill_step_size": args.prefill_step_size,
+        "memory_budget": args.memory_budget,
+        "prompt_cache_entries": args.prompt_cache_entries,
+        "prompt_cache_bytes": args.prompt_cache_bytes,
+        "trust_remote_code": args.trust_remote_code,
+        "max_prompt_tokens": args.max_prompt_tokens or None,
+        "max_concurrency": args.max_concurrency,
+    }
     options = ServeOptions(
         max_line_bytes=args.max_line_bytes,
         max_queue=args.max_queue,
@@ -194,7 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_concurrency=args.max_concurrency,
         prefill_chunk_tokens=args.prefill_step_size,
     )
-    return serve(engine, options)
+    if args.ranks > 1:
+        return run_sharded(
+            p,
+            args,
+            engine_options,
+            options,
+            lambda text, no_vision: routing_engine(text, args, require_vision=no_vision),
+        )
+    return serve(routing_engine(MlxLmEngine(**engine_options), args), options)
 
 
 def script() -> NoReturn:

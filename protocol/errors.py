@@ -23,6 +23,7 @@ an exception class, so hosts written in Python can ``except`` on it::
     ├── Forbidden              forbidden: the worker's flags do not allow it
     ├── ContextLengthExceeded  context_length_exceeded: prompt over the context or the cap
     ├── MlxMissing             mlx_missing: MLX or mlx-lm is not installed
+    ├── RankFailed             rank_failed: a rank of a sharded worker died (.rank, .stderr_tail)
     └── Internal               internal: a bug; the message says what broke
 """
 
@@ -123,6 +124,30 @@ class MlxMissing(WireError):
     CODE = "mlx_missing"
 
 
+class RankFailed(WireError):
+    """A rank of a sharded worker died (or its collectives broke): the worker
+    ends every request in flight with this and exits. ``rank`` is the rank
+    that failed (None: not known, as when decoded from a bare code),
+    ``exit_code`` its return code (negative: a signal; None: it had not
+    exited), ``stderr_tail`` the last lines it wrote to stderr."""
+
+    CODE = "rank_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int | None = None,
+        exit_code: int | None = None,
+        stderr_tail: str = "",
+        request_id: RequestId | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.rank = rank
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+
+
 class Internal(WireError):
     CODE = "internal"
 
@@ -148,6 +173,7 @@ ERROR_CLASSES: dict[str, type[WireError]] = {
         Forbidden,
         ContextLengthExceeded,
         MlxMissing,
+        RankFailed,
         Internal,
     )
 }

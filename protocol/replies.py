@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import RequestId, WireError
+from .errors import RankFailed, RequestId, WireError
 from .fields import JsonValue
 
 FINISH_REASONS = ("stop", "length", "stop_sequence", "cancelled")
@@ -103,10 +103,56 @@ class VisionDetails:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShardRank:
+    """One rank of a sharded worker: its process, device and memory."""
+
+    rank: int
+    pid: int
+    host: str
+    device: str
+    active_bytes: int
+    peak_bytes: int
+    rss_bytes: int
+
+    def to_wire(self) -> Wire:
+        return {
+            "rank": self.rank,
+            "pid": self.pid,
+            "host": self.host,
+            "device": self.device,
+            "active_bytes": self.active_bytes,
+            "peak_bytes": self.peak_bytes,
+            "rss_bytes": self.rss_bytes,
+        }
+
+
+SHARD_MODES: tuple[str, ...] = ("tensor", "pipeline")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sharding:
+    """How a sharded worker splits its model: over ``ranks`` processes of
+    ``mx.distributed`` (``backend``), by ``mode`` (one of :data:`SHARD_MODES`)."""
+
+    backend: str
+    mode: str
+    ranks: tuple[ShardRank, ...]
+
+    def to_wire(self) -> Wire:
+        return {
+            "backend": self.backend,
+            "mode": self.mode,
+            "size": len(self.ranks),
+            "ranks": [r.to_wire() for r in self.ranks],
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelFacts:
     """What a loaded model is; reported by ``load`` and ``info``.
 
-    ``vision_details`` is set for vision models only, and written only then.
+    ``vision_details`` is set for vision models only, and written only then;
+    ``sharding`` for a sharded worker only (``--ranks``), likewise.
     """
 
     path: str
@@ -123,6 +169,7 @@ class ModelFacts:
     parameters: int
     vision: bool = False
     vision_details: VisionDetails | None = None
+    sharding: Sharding | None = None
 
     def to_wire(self) -> Wire:
         out: Wire = {
@@ -142,6 +189,8 @@ class ModelFacts:
         }
         if self.vision_details is not None:
             out["vision_details"] = self.vision_details.to_wire()
+        if self.sharding is not None:
+            out["sharding"] = self.sharding.to_wire()
         return out
 
 
@@ -457,17 +506,37 @@ class Bye:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorReply:
+    """``rank``, ``exit_code`` and ``stderr_tail`` come with ``rank_failed``
+    only (the rank of a sharded worker that died), and are written only then."""
+
     id: RequestId | None = None
     code: str
     message: str
+    rank: int | None = None
+    exit_code: int | None = None
+    stderr_tail: str | None = None
 
     @classmethod
     def of(cls, error: WireError, request_id: RequestId | None = None) -> ErrorReply:
         rid = request_id if request_id is not None else error.request_id
+        if isinstance(error, RankFailed):
+            return cls(
+                id=rid,
+                code=error.code,
+                message=error.message,
+                rank=error.rank,
+                exit_code=error.exit_code,
+                stderr_tail=error.stderr_tail,
+            )
         return cls(id=rid, code=error.code, message=error.message)
 
     def to_wire(self) -> Wire:
-        return _envelope("error", self.id) | {"error": self.message, "code": self.code}
+        out = _envelope("error", self.id) | {"error": self.message, "code": self.code}
+        if self.rank is not None:
+            out["rank"] = self.rank
+            out["exit_code"] = self.exit_code
+            out["stderr_tail"] = self.stderr_tail or ""
+        return out
 
 
 Reply = (

@@ -40,6 +40,8 @@ from .replies import (
     ProgressEvent,
     PromptCacheStats,
     Reply,
+    Sharding,
+    ShardRank,
     TextReply,
     TokenEvent,
     TokensReply,
@@ -137,6 +139,27 @@ def _vision_details(f: Fields | None) -> VisionDetails | None:
     )
 
 
+def _sharding(f: Fields | None) -> Sharding | None:
+    if f is None:
+        return None
+    ranks = []
+    for r in f.objects("ranks", required=True) or []:
+        ranks.append(
+            ShardRank(
+                rank=_int(r, "rank"),
+                pid=_int(r, "pid"),
+                host=r.required_str("host"),
+                device=r.required_str("device"),
+                active_bytes=_int(r, "active_bytes"),
+                peak_bytes=_int(r, "peak_bytes"),
+                rss_bytes=_int(r, "rss_bytes"),
+            )
+        )
+    return Sharding(
+        backend=f.required_str("backend"), mode=f.required_str("mode"), ranks=tuple(ranks)
+    )
+
+
 def _facts(f: Fields) -> ModelFacts:
     return ModelFacts(
         path=f.required_str("path"),
@@ -153,6 +176,7 @@ def _facts(f: Fields) -> ModelFacts:
         parameters=_int(f, "parameters"),
         vision=f.bool_("vision", False),
         vision_details=_vision_details(f.child("vision_details")),
+        sharding=_sharding(f.child("sharding")),
     )
 
 
@@ -303,7 +327,17 @@ def _inspected(f: Fields, rid: RequestId | None) -> Inspected:
 
 
 def _error(f: Fields, rid: RequestId | None) -> ErrorReply:
-    return ErrorReply(id=rid, code=f.required_str("code"), message=f.required_str("error"))
+    code = f.required_str("code")
+    if f.has("rank"):
+        return ErrorReply(
+            id=rid,
+            code=code,
+            message=f.required_str("error"),
+            rank=_int(f, "rank"),
+            exit_code=f.int_("exit_code"),
+            stderr_tail=f.str_("stderr_tail") or "",
+        )
+    return ErrorReply(id=rid, code=code, message=f.required_str("error"))
 
 
 _PARSERS: dict[str, Callable[[Fields, RequestId | None], Reply]] = {

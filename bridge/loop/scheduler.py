@@ -204,6 +204,18 @@ class BatchScheduler:
         for job in queued:
             job.finish_cancelled(reason)
 
+    def fail_all(self, error: WireError) -> None:
+        """End every queued and running request with ``error``, from any thread,
+        without waiting for the engine thread (which may never return: a
+        sharded worker's collective with a dead rank). Nothing is admitted after."""
+        with self._cond:
+            self._closing = True
+            jobs = [*self._queue, *self._by_id.values(), *self._unaddressed()]
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in dict.fromkeys(jobs):
+            job.fail(error)
+
     def model_change_pending(self) -> bool:
         """True while a queued or running ``load``/``unload`` may change the model."""
         with self._cond:

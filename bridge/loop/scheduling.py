@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from bridge.loop.jobs import Job
-from protocol.errors import RequestId
+from protocol.errors import RequestId, WireError
 from protocol.replies import BatchStats
 
 
@@ -33,6 +33,10 @@ class Scheduler(Protocol):
     def stats(self) -> BatchStats:
         """The batch's figures, for ``info`` (any thread)."""
         ...
+
+    def fail_all(self, error: WireError) -> None:
+        """End every queued and running request with ``error`` (any thread);
+        for a worker that is about to exit without its engine thread."""
 
     def shutdown(self, timeout: float) -> bool:
         """Cancel everything and stop; True if the engine thread ended in time."""

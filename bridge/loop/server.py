@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from bridge.engines.engine_protocol import DEFAULT_MAX_CONCURRENCY, Engine
 from bridge.loop.jobs import Job
@@ -23,7 +23,7 @@ from bridge.loop.signals import StopSignals
 from bridge.loop.stdio import LineWriter, claim_stdout, read_lines
 from bridge.versions import package_versions
 from protocol.codec import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION
-from protocol.errors import RequestId
+from protocol.errors import RequestId, WireError
 from protocol.replies import Bye, ErrorReply, HelloReply, Reply
 from protocol.requests import COMMANDS, MAX_LOGPROBS, SAMPLING_OPTIONS, Load, Quit
 
@@ -60,6 +60,7 @@ def serve(
     protocol_fd: int | None = None,
     on_writer: Callable[[Callable[[bytes], None]], None] | None = None,
     on_quit: Callable[[Quit | None], None] | None = None,
+    on_fatal: Callable[[Callable[[WireError], NoReturn]], None] | None = None,
 ) -> int:
     """Serve the protocol until ``quit`` or end of stdin; returns the exit code.
 
@@ -70,6 +71,11 @@ def serve(
     when the loop ends by ``quit`` (with that request) or by end of stdin
     (with None), before anything is cancelled; it may exit the process or
     block.
+
+    ``on_fatal``, when given, is called once before the first request is
+    read with a function that ends every request with an error and exits
+    the process (status 1), from any thread: for a failure the worker
+    cannot serve on after (a sharded worker's dead rank).
     """
     if protocol_fd is None:
         protocol_fd = claim_stdout()
@@ -88,6 +94,8 @@ def serve(
     schedulers.append(scheduler)
     if on_writer is not None:
         on_writer(writer.write)
+    if on_fatal is not None:
+        on_fatal(lambda error: _fail_and_exit(scheduler, error))
     versions: dict[str, str] = {}
     limits = {
         "max_line_bytes": options.max_line_bytes,
@@ -173,6 +181,12 @@ def _exit_soon(scheduler: Scheduler) -> None:
     threading.Thread(target=leave, name="bridge-exit", daemon=True).start()
 
 
-def _hard_exit(code: int) -> None:
+def _fail_and_exit(scheduler: Scheduler, error: WireError) -> NoReturn:
+    log.error("%s: ending every request and exiting", error.message)
+    scheduler.fail_all(error)
+    _hard_exit(1)
+
+
+def _hard_exit(code: int) -> NoReturn:
     logging.shutdown()
     os._exit(code)

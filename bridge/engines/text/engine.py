@@ -31,11 +31,11 @@ from bridge.engines.mlx.memory import (
     free_cache,
     kv_budget,
     memory_stats,
-    read_weights,
 )
 from bridge.engines.mlx.sampling import check_token_ids, fit_vocab
 from bridge.engines.prompt_tokens import encode_prompt
 from bridge.engines.text.decoder import TextDecoder
+from bridge.engines.text.loading import LoadPlan, WeightsLoader, WholeModel
 from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
@@ -43,9 +43,9 @@ from bridge.engines.text.prompt_cache import (
 )
 from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
 from bridge.model_dir.config import kv_cache_bytes
-from bridge.model_dir.files import ModelFiles, check_fits, open_model
+from bridge.model_dir.files import Footprint, ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
-from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported
+from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported, WireError
 from protocol.fields import JsonValue
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import (
@@ -101,7 +101,10 @@ class MlxLmEngine:
         max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         prefill_batch_size: int = DEFAULT_PREFILL_BATCH,
+        loader: WeightsLoader | None = None,
     ) -> None:
+        """``loader`` reads the weights (default: the whole model, here)."""
+        self._loader: WeightsLoader = loader or WholeModel()
         self._prefill_step_size = prefill_step_size
         self._max_concurrency = max_concurrency
         self._prefill_batch_size = prefill_batch_size
@@ -112,6 +115,10 @@ class MlxLmEngine:
         self._caches = PromptCacheStore(
             max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes
         )
+
+    @property
+    def loader(self) -> WeightsLoader:
+        return self._loader
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -129,36 +136,34 @@ class MlxLmEngine:
     ) -> ModelFacts:
         say = report or no_report
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
-        directory, needed = files.directory, files.weights_bytes
+        directory = files.directory
+        parts = self._loader.parts
+        needed = -(-files.weights_bytes // parts)  # this process's share
         adapter = str(files.adapter) if files.adapter is not None else None
         check_fits(
-            files.footprint(request.context_len), self._available_memory(), force=request.force
+            _share(files.footprint(request.context_len), parts),
+            self._available_memory(),
+            force=request.force,
         )
         say(LoadStep(step="checking"))
         self.unload()
-
-        import mlx_lm
-
+        plan = LoadPlan(
+            directory=directory,
+            adapter=adapter,
+            trust_remote_code=trust,
+            weights_bytes=needed,
+            context_len=request.context_len,
+        )
         try:
             with CodeGuard(directory, allowed=trust, request_id=request.id):
-                say(LoadStep(step="weights", done=0, total=needed, unit="bytes"))
-                model, tokenizer, config = mlx_lm.load(
-                    str(directory),
-                    adapter_path=adapter,
-                    tokenizer_config={"trust_remote_code": trust},
-                    return_config=True,
-                    trust_remote_code=trust,
-                    lazy=True,
-                )
-                say(LoadStep(step="tokenizer"))
-                read_weights(model, needed, say)
-        except LoadFailed:
+                model, tokenizer, config = self._loader.load(plan, say)
+        except WireError:  # load_failed, or a sharded rank's rank_failed
             raise
         except Exception as exc:
             raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
         facts = model_facts(model, config, path=str(directory), context_len=request.context_len)
         kv = KvShape(
-            bytes_per_token=kv_cache_bytes(files.config, files.weights, 1),
+            bytes_per_token=-(-kv_cache_bytes(files.config, files.weights, 1) // parts),
             budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
         )
         self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len, kv)
@@ -342,6 +347,17 @@ class MlxLmEngine:
         return limits.encode(
             tokenizer.encode, text, field="messages", sampling=sampling, request_id=request.id
         )
+
+
+def _share(footprint: Footprint, parts: int) -> Footprint:
+    """What one of ``parts`` processes holding a split model takes."""
+    if parts <= 1:
+        return footprint
+    return Footprint(
+        weights=-(-footprint.weights // parts),
+        kv_cache=-(-footprint.kv_cache // parts),
+        kv_tokens=footprint.kv_tokens,
+    )
 
 
 def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[str, Any]:

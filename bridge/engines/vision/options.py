@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 from bridge.arguments import positive_int
 from bridge.engines.engine_protocol import ModelEngine
@@ -73,9 +74,15 @@ def image_root(text: str) -> str:
     return real
 
 
-def routing_engine(text: ModelEngine, args: argparse.Namespace) -> RoutingEngine:
+def routing_engine(
+    text: ModelEngine,
+    args: argparse.Namespace,
+    *,
+    require_vision: Callable[[str], None] | None = None,
+) -> RoutingEngine:
     """``text`` for text models, and an mlx-vlm engine, built on first use,
-    for vision models; ``args`` holds the engine and vision options."""
+    for vision models; ``args`` holds the engine and vision options;
+    ``require_vision(path)`` may refuse vision models (``load_failed``)."""
     policy = image_policy(args)
 
     def vision() -> ModelEngine:
@@ -95,4 +102,5 @@ def routing_engine(text: ModelEngine, args: argparse.Namespace) -> RoutingEngine
         memory_budget=args.memory_budget,
         trust_remote_code=args.trust_remote_code,
         model_root=args.model_root,
+        require_vision=require_vision,
     )
