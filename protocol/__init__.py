@@ -16,10 +16,11 @@ from .codec import (
 )
 from .errors import ERROR_CODES, RequestId, WireError, error_from_code
 from .replies import FINISH_REASONS, Reply
-from .requests import COMMANDS, MAX_LOGPROBS, SAMPLING_OPTIONS, Request
+from .requests import COMMANDS, MAX_LOGPROBS, OPTIONAL_COMMANDS, SAMPLING_OPTIONS, Request
 
 __all__ = [
     "COMMANDS",
+    "OPTIONAL_COMMANDS",
     "DEFAULT_MAX_LINE_BYTES",
     "ERROR_CODES",
     "FINISH_REASONS",

@@ -104,15 +104,14 @@ class VisionDetails:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardRank:
-    """One rank of a sharded worker: its process, device and memory."""
+    """One rank of a sharded worker: its process, its device, and the bytes
+    its part of the model holds there (MLX's active memory after the load)."""
 
     rank: int
     pid: int
     host: str
     device: str
-    active_bytes: int
-    peak_bytes: int
-    rss_bytes: int
+    weights_bytes: int
 
     def to_wire(self) -> Wire:
         return {
@@ -120,9 +119,7 @@ class ShardRank:
             "pid": self.pid,
             "host": self.host,
             "device": self.device,
-            "active_bytes": self.active_bytes,
-            "peak_bytes": self.peak_bytes,
-            "rss_bytes": self.rss_bytes,
+            "weights_bytes": self.weights_bytes,
         }
 
 
@@ -361,13 +358,37 @@ class PromptCacheStats:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RankMemory:
+    """One rank's memory now (a sharded worker's ``info``)."""
+
+    rank: int
+    active_bytes: int
+    peak_bytes: int
+    cache_bytes: int
+    rss_bytes: int
+
+    def to_wire(self) -> Wire:
+        return {
+            "rank": self.rank,
+            "active_bytes": self.active_bytes,
+            "peak_bytes": self.peak_bytes,
+            "cache_bytes": self.cache_bytes,
+            "rss_bytes": self.rss_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryStats:
+    """This process's memory (rank 0's, on a sharded worker, which adds
+    ``ranks``: every rank's, rank 0 first)."""
+
     active_bytes: int
     peak_bytes: int
     cache_bytes: int
     rss_bytes: int
     # Engines without a prompt cache (the scripted one) leave it out.
     prompt_cache: PromptCacheStats | None = None
+    ranks: tuple[RankMemory, ...] | None = None
 
     def to_wire(self) -> Wire:
         out: Wire = {
@@ -378,6 +399,8 @@ class MemoryStats:
         }
         if self.prompt_cache is not None:
             out["prompt_cache"] = self.prompt_cache.to_wire()
+        if self.ranks is not None:
+            out["ranks"] = [r.to_wire() for r in self.ranks]
         return out
 
 

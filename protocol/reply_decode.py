@@ -39,6 +39,7 @@ from .replies import (
     Pong,
     ProgressEvent,
     PromptCacheStats,
+    RankMemory,
     Reply,
     Sharding,
     ShardRank,
@@ -150,13 +151,27 @@ def _sharding(f: Fields | None) -> Sharding | None:
                 pid=_int(r, "pid"),
                 host=r.required_str("host"),
                 device=r.required_str("device"),
-                active_bytes=_int(r, "active_bytes"),
-                peak_bytes=_int(r, "peak_bytes"),
-                rss_bytes=_int(r, "rss_bytes"),
+                weights_bytes=_int(r, "weights_bytes"),
             )
         )
     return Sharding(
         backend=f.required_str("backend"), mode=f.required_str("mode"), ranks=tuple(ranks)
+    )
+
+
+def _rank_memory(m: Fields) -> tuple[RankMemory, ...] | None:
+    ranks = m.objects("ranks")
+    if ranks is None:
+        return None
+    return tuple(
+        RankMemory(
+            rank=_int(r, "rank"),
+            active_bytes=_int(r, "active_bytes"),
+            peak_bytes=_int(r, "peak_bytes"),
+            cache_bytes=_int(r, "cache_bytes"),
+            rss_bytes=_int(r, "rss_bytes"),
+        )
+        for r in ranks
     )
 
 
@@ -284,6 +299,7 @@ def _info(f: Fields, rid: RequestId | None) -> InfoReply:
             max_entries=_int(cache, "max_entries"),
             max_bytes=_int(cache, "max_bytes"),
         ),
+        ranks=_rank_memory(m),
     )
     return InfoReply(id=rid, model=_facts(f), memory=memory, batch=_batch(f.child("batch")))
 

@@ -495,6 +495,9 @@ _PARSERS: dict[str, Callable[[Fields, RequestId | None], Request]] = {
     "quit": lambda f, rid: Quit(id=rid),
 }
 COMMANDS: tuple[str, ...] = tuple(_PARSERS)
+# Commands a worker may leave out of hello's ``commands`` (and then refuse
+# with invalid_request): a sharded worker cannot ``inspect`` one process's attention.
+OPTIONAL_COMMANDS: tuple[str, ...] = ("inspect",)
 SAMPLING_OPTIONS: tuple[str, ...] = (
     "max_tokens",
     "temperature",

@@ -47,6 +47,8 @@ class ServeOptions:
     # Sequences decoded together (--max-concurrency); reported in hello.
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     prefill_chunk_tokens: int | None = None  # reported in hello's limits when set
+    # hello's commands: what this worker serves (a sharded one leaves out inspect)
+    commands: tuple[str, ...] = COMMANDS
     versions: tuple[str, ...] = ("mlx", "mlx-lm")
     # Reported only when installed: their absence tells the host something.
     optional_versions: tuple[str, ...] = ("mlx-vlm",)
@@ -116,7 +118,7 @@ def serve(
             id=request_id,
             protocol_version=PROTOCOL_VERSION,
             versions=versions,
-            commands=COMMANDS,
+            commands=options.commands,
             sampling_options=SAMPLING_OPTIONS,
             limits=limits,
             pid=os.getpid(),

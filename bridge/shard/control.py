@@ -105,6 +105,7 @@ class Ready:
 class LoadResult:
     rank: int
     error: str | None  # None: loaded
+    weights_bytes: int = 0  # MLX's active memory after the load
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +113,7 @@ class Memory:
     rank: int
     active_bytes: int
     peak_bytes: int
+    cache_bytes: int
     rss_bytes: int
 
 

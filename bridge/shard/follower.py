@@ -75,6 +75,7 @@ class Follower:
                 rank=self.rank,
                 active_bytes=m.active_bytes,
                 peak_bytes=m.peak_bytes,
+                cache_bytes=m.cache_bytes,
                 rss_bytes=m.rss_bytes,
             )
         )
@@ -162,7 +163,8 @@ class Follower:
             error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             log.warning("rank %d: load failed: %s", self.rank, error)
         loader.sync()  # a failed load still meets the others at the barrier
-        self.answer(control.LoadResult(rank=self.rank, error=error))
+        weights = memory_stats().active_bytes if error is None else 0
+        self.answer(control.LoadResult(rank=self.rank, error=error, weights_bytes=weights))
 
 
 def _never() -> bool:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -109,7 +110,10 @@ def run_sharded(
 
         sharded = ShardedEngine(group, make_engine, init_group=join, abort=abort)
         engine = routing(sharded, _no_vision)
-        return serve(engine, serve_options, on_fatal=fatal.append)
+        # inspect captures one process's attention: a sharded worker refuses it
+        commands = tuple(c for c in serve_options.commands if c != "inspect")
+        options = replace(serve_options, commands=commands)
+        return serve(engine, options, on_fatal=fatal.append)
 
 
 def _no_vision(path: str) -> None:

@@ -44,8 +44,15 @@ from bridge.model_dir.files import ModelFiles
 from bridge.shard import control
 from bridge.shard.loader import ShardedModel
 from bridge.shard.ranks import RankGroup, hostname
-from protocol.errors import InvalidRequest, LoadFailed, RankFailed
-from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, Sharding, ShardRank
+from protocol.errors import InvalidRequest, LoadFailed, NoModel, RankFailed
+from protocol.replies import (
+    AttentionFacts,
+    MemoryStats,
+    ModelFacts,
+    RankMemory,
+    Sharding,
+    ShardRank,
+)
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
 if TYPE_CHECKING:
@@ -76,6 +83,7 @@ class ShardedEngine:
         self._engine: MlxLmEngine | None = None
         self._ready: list[control.Ready] = []
         self._device = "cpu"
+        self._weights: dict[int, int] = {}  # rank → bytes its part holds, from the last load
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -113,6 +121,7 @@ class ShardedEngine:
         self, request: Load, files: ModelFiles, report: ReportLoad | None = None
     ) -> ModelFacts:
         facts = self._text.load_checked(request, files, report)
+        self._weights[0] = memory_stats().active_bytes
         return replace(facts, sharding=self._sharding())
 
     def unload(self) -> bool:
@@ -133,6 +142,8 @@ class ShardedEngine:
         return self._text.detokenize(request)
 
     def inspect(self, request: Inspect) -> AttentionFacts:
+        if self._text.facts() is None:
+            raise NoModel("no model loaded; send load first", request_id=request.id)
         raise InvalidRequest(
             "inspect: a sharded worker cannot capture attention (each rank holds part of "
             "the heads); run inspect on a worker without --ranks",
@@ -152,9 +163,33 @@ class ShardedEngine:
         return replace(facts, sharding=self._sharding())
 
     def memory(self) -> MemoryStats:
-        if self._engine is None:
-            return memory_stats()
-        return self._engine.memory()
+        mine = self._engine.memory() if self._engine is not None else memory_stats()
+        ranks = [
+            RankMemory(
+                rank=0,
+                active_bytes=mine.active_bytes,
+                peak_bytes=mine.peak_bytes,
+                cache_bytes=mine.cache_bytes,
+                rss_bytes=mine.rss_bytes,
+            )
+        ]
+        self._group.send([control.AskMemory()])
+        try:
+            answers = self._group.answers(control.Memory, ASK_MEMORY_TIMEOUT_S)
+        except (TimeoutError, RankFailed) as exc:
+            log.warning("the ranks' memory is not known: %s", exc)
+            answers = []
+        ranks.extend(
+            RankMemory(
+                rank=m.rank,
+                active_bytes=m.active_bytes,
+                peak_bytes=m.peak_bytes,
+                cache_bytes=m.cache_bytes,
+                rss_bytes=m.rss_bytes,
+            )
+            for m in answers
+        )
+        return replace(mine, ranks=tuple(ranks))
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -183,6 +218,7 @@ class ShardedEngine:
         def finish(error: BaseException | None) -> None:
             results = self._group.answers(control.LoadResult)
             failed = [r for r in results if r.error is not None]
+            self._weights = {r.rank: r.weights_bytes for r in results}
             if error is None and not failed:
                 return
             self._group.send([control.UnloadModel()])  # a rank failed: nobody keeps the model
@@ -201,37 +237,25 @@ class ShardedEngine:
 
     def _sharding(self) -> Sharding:
         plan = self._group.plan
-        mine = memory_stats()
         ranks = [
             ShardRank(
                 rank=0,
                 pid=os.getpid(),
                 host=hostname(),
                 device=self._device,
-                active_bytes=mine.active_bytes,
-                peak_bytes=mine.peak_bytes,
-                rss_bytes=mine.rss_bytes,
+                weights_bytes=self._weights.get(0, 0),
             )
         ]
-        memory: dict[int, control.Memory] = {}
-        self._group.send([control.AskMemory()])
-        try:
-            memory = {m.rank: m for m in self._group.answers(control.Memory, ASK_MEMORY_TIMEOUT_S)}
-        except (TimeoutError, RankFailed) as exc:
-            log.warning("ranks' memory not known: %s", exc)
-        for ready in self._ready:
-            m = memory.get(ready.rank)
-            ranks.append(
-                ShardRank(
-                    rank=ready.rank,
-                    pid=ready.pid,
-                    host=ready.host,
-                    device=ready.device,
-                    active_bytes=m.active_bytes if m else 0,
-                    peak_bytes=m.peak_bytes if m else 0,
-                    rss_bytes=m.rss_bytes if m else 0,
-                )
+        ranks.extend(
+            ShardRank(
+                rank=r.rank,
+                pid=r.pid,
+                host=r.host,
+                device=r.device,
+                weights_bytes=self._weights.get(r.rank, 0),
             )
+            for r in self._ready
+        )
         return Sharding(backend=plan.backend, mode=plan.mode, ranks=tuple(ranks))
 
 

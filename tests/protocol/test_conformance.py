@@ -123,6 +123,15 @@ def test_both_workers_pass_every_case(module: str, tiny_model: Path) -> None:
     assert "  FAIL " not in output
 
 
+def test_the_sharded_worker_passes_every_case_but_inspect(tiny_model: Path) -> None:
+    """Two ranks over the ring backend; hello leaves out inspect, which it refuses."""
+    worker = [PY, "-m", "bridge", "--ranks", "2", "--backend", "ring"]
+    status, output, _ = kit("--model", str(tiny_model), worker=worker, timeout=240)
+    assert status == 0, output
+    assert f"{case_count() - 1} passed, 0 failed, 1 skipped" in output, output
+    assert "hello's commands leave out inspect" in output
+
+
 def test_the_fixture_model_is_built_when_no_model_is_given() -> None:
     status, output, _ = kit("--only", "model / load", worker=[PY, "-m", "mock_worker"])
     assert status == 0, output

@@ -232,8 +232,21 @@ def _check_inspect_files(reply: Line, directory: Path) -> None:
             raise fail(f"{name} is {path.stat().st_size} bytes, expected {size} (float32)")
 
 
+def _serves_inspect(s: Session) -> bool:
+    """hello's commands leave inspect out on a worker that does not serve it
+    (a sharded one); such a worker refuses it with invalid_request."""
+    hello = s.hello or {}
+    commands = hello.get("commands")
+    return not isinstance(commands, list) or "inspect" in commands
+
+
 def inspect(s: Session) -> str:
     facts = _facts(s)
+    if not _serves_inspect(s):
+        rid = s.fresh_id("inspect")
+        reply = s.call({"cmd": "inspect", "id": rid, "prompt": PROMPT})
+        s.expect(reply, {"type": "error", "id": rid, "code": "invalid_request"}, "inspect")
+        raise CaseSkipped("hello's commands leave out inspect: refused with invalid_request")
     directory = s.scratch / "inspect" / "nested"
     rid = s.fresh_id("inspect")
     reply = s.call({"cmd": "inspect", "id": rid, "prompt": PROMPT, "dir": str(directory)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from ... import COMMANDS, PROTOCOL_VERSION, SAMPLING_OPTIONS
+from ... import COMMANDS, OPTIONAL_COMMANDS, PROTOCOL_VERSION, SAMPLING_OPTIONS
 from ..matching import ABSENT
 from ..session import CaseSkipped, Session, fail
 from ..table import Case, Group
@@ -45,7 +45,7 @@ def hello(s: Session) -> str:
         raise fail(
             f"protocol_version {reply['protocol_version']}, the kit checks {PROTOCOL_VERSION}"
         )
-    missing = [c for c in COMMANDS if c not in reply["commands"]]
+    missing = [c for c in COMMANDS if c not in reply["commands"] and c not in OPTIONAL_COMMANDS]
     if missing:
         raise fail(f"hello's commands lack {missing}")
     missing = [o for o in SAMPLING_OPTIONS if o not in reply["sampling_options"]]
