@@ -48,13 +48,13 @@ from typing import Any, Protocol, cast
 import orjson
 
 from protocol.codec import DEFAULT_MAX_LINE_BYTES, encode_wire
-from protocol.errors import RequestId, WireError
+from protocol.errors import RankFailed, RequestId, WireError
 from protocol.fields import JsonValue
 from protocol.replies import NON_TERMINAL_TYPES, ErrorReply, ProgressEvent, Reply, TokenEvent
 from protocol.reply_decode import parse_reply
 
 from .commands import EXPECTED_REPLY, STREAMING
-from .errors import ProtocolError, RequestError, SupervisorError
+from .errors import ProtocolError, RequestError, SupervisorError, WorkerCrashed
 from .framing import LineSplitter, OverlongLine
 from .results import StreamItem, Token
 
@@ -372,8 +372,17 @@ class WorkerCore:
             self._fault_one(p, f"malformed reply: {exc.message}", line)
             return
         expected = EXPECTED_REPLY.get(p.cmd)
-        if isinstance(reply, ErrorReply):
-            error: SupervisorError | None = RequestError(reply.code, reply.message, request_id=p.id)
+        if isinstance(reply, ErrorReply) and reply.code == RankFailed.CODE:
+            # a rank of a sharded worker died; the worker exits next
+            error: SupervisorError | None = WorkerCrashed(
+                reply.message,
+                exit_code=reply.exit_code,
+                stderr_tail=reply.stderr_tail or "",
+                request_id=p.id,
+                rank=reply.rank,
+            )
+        elif isinstance(reply, ErrorReply):
+            error = RequestError(reply.code, reply.message, request_id=p.id)
         elif expected is not None and not isinstance(reply, expected):
             self._fault_one(p, f"the worker answered {p.cmd!r} with {obj.get('type')!r}", line)
             return

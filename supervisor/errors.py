@@ -54,6 +54,11 @@ class WorkerCrashed(SupervisorError):
     signal, as :mod:`subprocess` reports it), ``signal`` the signal number or
     None, ``stderr_tail`` the last bytes (about 8 KiB) the worker wrote to
     stderr, decoded leniently.
+
+    For a sharded worker (``--ranks``) whose rank r ≥ 1 died, the worker's
+    ``rank_failed`` line is raised as this with ``rank`` set: then
+    ``exit_code`` and ``stderr_tail`` are that rank's. ``rank`` is None for
+    the worker process itself.
     """
 
     def __init__(
@@ -63,7 +68,9 @@ class WorkerCrashed(SupervisorError):
         exit_code: int | None,
         stderr_tail: str = "",
         request_id: RequestId | None = None,
+        rank: int | None = None,
     ) -> None:
+        self.rank = rank
         self.exit_code = exit_code
         self.signal = -exit_code if exit_code is not None and exit_code < 0 else None
         self.stderr_tail = stderr_tail
