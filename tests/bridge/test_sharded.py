@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -315,7 +316,7 @@ def test_sigkill_of_rank_1_mid_stream_is_rank_failed(tiny_model: Path) -> None:
         assert worker.read()["type"] == "token"
         killed = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)
-        ends = {}
+        ends: dict[object, Any] = {}
         while len(ends) < 2:
             line = worker.read(timeout=10)
             if line["type"] != "token":
