@@ -3,8 +3,9 @@
 - ``protocol`` imports nothing of ours;
 - ``bridge`` and ``supervisor`` import ``protocol`` and never each other;
 - ``mock_worker`` may use ``bridge``'s request loop but never MLX;
-- only modules under ``bridge/engines/`` (the engines) and ``bridge/demo/``
-  (the fixture builders) import MLX, mlx-lm or mlx-vlm, always lazily (inside
+- only modules under ``bridge/engines/`` (the engines), ``bridge/shard/``
+  (the sharded engine and its ranks) and ``bridge/demo/`` (the fixture
+  builders) import MLX, mlx-lm or mlx-vlm, always lazily (inside
   functions), and ``python -m bridge`` must not import them before its first
   reply;
 - the request loop, ``bridge/loop/``, knows engines only through
@@ -32,7 +33,7 @@ ALLOWED = {
     "mock_worker": {"protocol", "bridge"},
 }
 # Packages whose modules may import MLX (always lazily, inside functions).
-ENGINE_PACKAGES = ("bridge.engines", "bridge.demo")
+ENGINE_PACKAGES = ("bridge.engines", "bridge.shard", "bridge.demo")
 # What the request loop may import of bridge, besides its own package.
 LOOP = "bridge.loop"
 LOOP_MAY_IMPORT = ("bridge.engines.engine_protocol", "bridge.versions")
