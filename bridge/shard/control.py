@@ -67,14 +67,18 @@ class Remove:
     seq: int
 
 
+# (sequence, token id) of every token rank 0 decoded in its last step
+Decoded = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepBatch:
-    pass
+    last: Decoded  # rank 0's previous step, which the rank checks its own against
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CloseDecoder:
-    pass
+    last: Decoded
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

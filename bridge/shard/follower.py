@@ -30,6 +30,7 @@ from bridge.engines.text.engine import MlxLmEngine
 from bridge.loop.stdio import claim_stdout
 from bridge.model_dir.files import open_model
 from bridge.shard import control
+from bridge.shard.leader import decoded_tokens
 from bridge.shard.loader import ShardedModel
 from bridge.shard.ranks import hostname
 from protocol.requests import Load
@@ -63,6 +64,7 @@ class Follower:
         self._engine: MlxLmEngine | None = None
         self._loader: ShardedModel | None = None
         self._decoder: Decoder | None = None
+        self._last: control.Decoded = ()  # this rank's tokens of its last step
 
     def answer(self, message: control.Answer) -> None:
         with self._lock:
@@ -105,7 +107,8 @@ class Follower:
         match order:
             case control.StepBatch():
                 assert self._decoder is not None, "step before any sequence"
-                self._decoder.step()
+                self._agree(order.last)
+                self._last = decoded_tokens(self._decoder.step())
             case control.Add():
                 decoder = self._decoder or engine.decoder()
                 self._decoder = decoder
@@ -122,6 +125,7 @@ class Follower:
                 if self._decoder is not None:
                     self._decoder.remove(order.seq)
             case control.CloseDecoder():
+                self._agree(order.last)
                 self._close_decoder()
             case control.LoadModel():
                 self._close_decoder()
@@ -141,7 +145,19 @@ class Follower:
             self._engine.close()
         clear_streams()
 
+    def _agree(self, rank0: control.Decoded) -> None:
+        """Every rank samples for itself (same logits, same PRNG state): had
+        this one drawn another token, the ranks would go on with different
+        caches, so that is fatal, not silent."""
+        mine, self._last = self._last, ()
+        if mine != rank0:
+            raise RuntimeError(
+                f"rank {self.rank} decoded {list(mine)} where rank 0 decoded {list(rank0)} "
+                "(sequence, token): the ranks have parted ways"
+            )
+
     def _close_decoder(self) -> None:
+        self._last = ()
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
@@ -199,7 +215,6 @@ def main() -> NoReturn:
         format="%(name)s %(levelname)s: %(message)s",
     )
     answers_fd = claim_stdout()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when this rank ends
     orders: queue.Queue[Any] = queue.Queue()
     box: list[Follower] = []
     threading.Thread(target=_read_orders, args=(box, orders), name="orders", daemon=True).start()

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn
 
 from bridge.engines.engine_protocol import (
+    Decoded,
     Decoder,
     Event,
     KvShape,
@@ -271,6 +272,7 @@ class MirroredDecoder:
         self._group = group
         self._abort = abort
         self._pending: list[control.Order] = []
+        self._last: control.Decoded = ()
 
     @property
     def capacity(self) -> int:
@@ -298,14 +300,16 @@ class MirroredDecoder:
         self._pending.append(control.Remove(seq=seq))
 
     def step(self) -> Sequence[Event]:
-        self._pending.append(control.StepBatch())
+        self._pending.append(control.StepBatch(last=self._last))
         orders, self._pending = self._pending, []
         self._group.send(orders)
         try:
-            return self._decoder.step()
+            events = self._decoder.step()
         except Exception as exc:  # the ranks may have parted ways: nothing can be trusted
             log.exception("sharded decode step failed")
             self._abort(self._group.failed(exc))
+        self._last = decoded_tokens(events)
+        return events
 
     def peak_memory(self) -> int:
         return self._decoder.peak_memory()
@@ -313,7 +317,13 @@ class MirroredDecoder:
     def close(self) -> None:
         self._decoder.close()
         orders, self._pending = self._pending, []
-        self._group.send([*orders, control.CloseDecoder()])
+        self._group.send([*orders, control.CloseDecoder(last=self._last)])
+        self._last = ()
+
+
+def decoded_tokens(events: Sequence[Event]) -> control.Decoded:
+    """The (sequence, token) pairs of one step, which every rank must have drawn alike."""
+    return tuple((e.seq, e.step.token_id) for e in events if isinstance(e, Decoded))
 
 
 def _device_name(mx: object) -> str:

@@ -297,6 +297,10 @@ class RankGroup:
             stderr=subprocess.PIPE,
             env=env,
             close_fds=True,
+            # Out of the host's process group: a terminal's Ctrl-C or a host's
+            # signal to the group reaches rank 0 alone, which ends the ranks
+            # itself (a rank killed first would be reported as failed).
+            start_new_session=True,
         )
 
 

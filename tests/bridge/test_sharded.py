@@ -350,3 +350,37 @@ def test_a_rank_that_dies_while_idle_ends_the_worker(tiny_model: Path) -> None:
         assert worker.wait(10) == 1
         assert gone_within(pids, 2.0) == []
         assert "rank 1" in worker.stderr_text and "SIGTERM" in worker.stderr_text
+
+
+# -- pipeline ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.bridge.pipeline_model import build_pipeline_model
+
+    return build_pipeline_model(tiny_model, tmp_path_factory.mktemp("models") / "qwen2")
+
+
+def test_pipeline_equals_one_process(pipeline_model: Path) -> None:
+    requests = [gen(f"p{i}", p) for i, p in enumerate(PROMPTS[:2])]
+    chat = {"cmd": "chat", "id": "pc", "messages": CHAT, "max_tokens": 16}
+    with WorkerProcess("bridge") as one:
+        assert one.call({"cmd": "load", "id": "l", "path": str(pipeline_model)})["type"] == "loaded"
+        want = [token_ids(one.request(r)) for r in [*requests, chat]]
+    with WorkerProcess("bridge", args=[*SHARDED, "--shard", "pipeline"]) as worker:
+        loaded = worker.call({"cmd": "load", "id": "l", "path": str(pipeline_model)}, timeout=120)
+        assert loaded["type"] == "loaded", loaded
+        assert loaded["sharding"]["mode"] == "pipeline"
+        assert [token_ids(worker.request(r)) for r in [*requests, chat]] == want
+        for r in requests:
+            worker.send(r)
+        together = worker.collect([r["id"] for r in requests])
+        assert [token_ids(together[r["id"]]) for r in requests] == want[:2]
+
+
+def test_pipeline_without_an_index_is_load_failed(tiny_model: Path) -> None:
+    with WorkerProcess("bridge", args=[*SHARDED, "--shard", "pipeline"]) as worker:
+        reply = worker.call({"cmd": "load", "id": "l", "path": str(tiny_model)}, timeout=120)
+        assert reply["code"] == "load_failed" and "model.safetensors.index.json" in reply["error"]
+        assert worker.call({"cmd": "ping", "id": "p"})["type"] == "pong"
