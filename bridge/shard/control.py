@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from bridge.engines.engine_protocol import Decoded, Event
 from protocol.requests import Sampling
 
 _LENGTH = struct.Struct(">I")
@@ -68,17 +69,17 @@ class Remove:
 
 
 # (sequence, token id) of every token rank 0 decoded in its last step
-Decoded = tuple[tuple[int, int], ...]
+StepTokens = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepBatch:
-    last: Decoded  # rank 0's previous step, which the rank checks its own against
+    last: StepTokens  # rank 0's previous step, which the rank checks its own against
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CloseDecoder:
-    last: Decoded
+    last: StepTokens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +123,11 @@ class Memory:
 
 
 Answer = Ready | LoadResult | Memory
+
+
+def decoded_tokens(events: Sequence[Event]) -> StepTokens:
+    """The (sequence, token) pairs of one step, which every rank must have drawn alike."""
+    return tuple((e.seq, e.step.token_id) for e in events if isinstance(e, Decoded))
 
 
 # -- framing --------------------------------------------------------------------------

@@ -30,9 +30,8 @@ from bridge.engines.text.engine import MlxLmEngine
 from bridge.loop.stdio import claim_stdout
 from bridge.model_dir.files import open_model
 from bridge.shard import control
-from bridge.shard.leader import decoded_tokens
 from bridge.shard.loader import ShardedModel
-from bridge.shard.ranks import hostname
+from bridge.shard.place import device_name, hostname
 from protocol.requests import Load
 
 log = logging.getLogger("bridge.shard")
@@ -64,7 +63,7 @@ class Follower:
         self._engine: MlxLmEngine | None = None
         self._loader: ShardedModel | None = None
         self._decoder: Decoder | None = None
-        self._last: control.Decoded = ()  # this rank's tokens of its last step
+        self._last: control.StepTokens = ()  # this rank's tokens of its last step
 
     def answer(self, message: control.Answer) -> None:
         with self._lock:
@@ -92,11 +91,10 @@ class Follower:
         options = dict(self._start.engine_options)
         self._engine = MlxLmEngine(loader=self._loader, **options)
         self._engine.warm_up()
-        device = mx.default_device()
-        name = "cpu"
-        if device.type == mx.DeviceType.gpu:
-            name = f"gpu:{os.environ.get('CUDA_VISIBLE_DEVICES') or 0}"
-        self.answer(control.Ready(rank=self.rank, pid=os.getpid(), host=hostname(), device=name))
+        ready = control.Ready(
+            rank=self.rank, pid=os.getpid(), host=hostname(), device=device_name()
+        )
+        self.answer(ready)
         start = self._start
         log.info("rank %d of %d ready (%s, %s)", self.rank, group.size(), start.backend, start.mode)
 
@@ -108,7 +106,7 @@ class Follower:
             case control.StepBatch():
                 assert self._decoder is not None, "step before any sequence"
                 self._agree(order.last)
-                self._last = decoded_tokens(self._decoder.step())
+                self._last = control.decoded_tokens(self._decoder.step())
             case control.Add():
                 decoder = self._decoder or engine.decoder()
                 self._decoder = decoder
@@ -145,7 +143,7 @@ class Follower:
             self._engine.close()
         clear_streams()
 
-    def _agree(self, rank0: control.Decoded) -> None:
+    def _agree(self, rank0: control.StepTokens) -> None:
         """Every rank samples for itself (same logits, same PRNG state): had
         this one drawn another token, the ranks would go on with different
         caches, so that is fatal, not silent."""

@@ -29,7 +29,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn
 
 from bridge.engines.engine_protocol import (
-    Decoded,
     Decoder,
     Event,
     KvShape,
@@ -44,7 +43,8 @@ from bridge.engines.text.loading import LoadPlan
 from bridge.model_dir.files import ModelFiles
 from bridge.shard import control
 from bridge.shard.loader import ShardedModel
-from bridge.shard.ranks import RankGroup, hostname
+from bridge.shard.place import device_name, hostname
+from bridge.shard.ranks import RankGroup
 from protocol.errors import InvalidRequest, LoadFailed, NoModel, RankFailed
 from protocol.replies import (
     AttentionFacts,
@@ -89,8 +89,6 @@ class ShardedEngine:
     # -- engine thread ---------------------------------------------------------------
 
     def warm_up(self) -> None:
-        import mlx.core as mx
-
         try:
             group = self._init_group()
         except Exception as exc:
@@ -106,7 +104,7 @@ class ShardedEngine:
         loader = ShardedModel(group, self._group.plan.mode, around=self._around_load)
         self._engine = self._make_engine(loader)
         self._engine.warm_up()
-        self._device = _device_name(mx)
+        self._device = device_name()
         self._ready = self._group.answers(control.Ready)
         log.info(
             "rank 0 of %d ready (%s, %s)",
@@ -116,14 +114,12 @@ class ShardedEngine:
         )
 
     def load(self, request: Load, report: ReportLoad | None = None) -> ModelFacts:
-        return replace(self._text.load(request, report), sharding=self._sharding())
+        return self._with_sharding(self._text.load(request, report))
 
     def load_checked(
         self, request: Load, files: ModelFiles, report: ReportLoad | None = None
     ) -> ModelFacts:
-        facts = self._text.load_checked(request, files, report)
-        self._weights[0] = memory_stats().active_bytes
-        return replace(facts, sharding=self._sharding())
+        return self._with_sharding(self._text.load_checked(request, files, report))
 
     def unload(self) -> bool:
         was = self._text.unload()
@@ -236,6 +232,11 @@ class ShardedEngine:
         assert isinstance(loader, ShardedModel)
         return loader
 
+    def _with_sharding(self, facts: ModelFacts) -> ModelFacts:
+        """A load's facts: rank 0's part is what MLX holds now."""
+        self._weights[0] = memory_stats().active_bytes
+        return replace(facts, sharding=self._sharding())
+
     def _sharding(self) -> Sharding:
         plan = self._group.plan
         ranks = [
@@ -272,7 +273,7 @@ class MirroredDecoder:
         self._group = group
         self._abort = abort
         self._pending: list[control.Order] = []
-        self._last: control.Decoded = ()
+        self._last: control.StepTokens = ()
 
     @property
     def capacity(self) -> int:
@@ -308,7 +309,7 @@ class MirroredDecoder:
         except Exception as exc:  # the ranks may have parted ways: nothing can be trusted
             log.exception("sharded decode step failed")
             self._abort(self._group.failed(exc))
-        self._last = decoded_tokens(events)
+        self._last = control.decoded_tokens(events)
         return events
 
     def peak_memory(self) -> int:
@@ -319,18 +320,3 @@ class MirroredDecoder:
         orders, self._pending = self._pending, []
         self._group.send([*orders, control.CloseDecoder(last=self._last)])
         self._last = ()
-
-
-def decoded_tokens(events: Sequence[Event]) -> control.Decoded:
-    """The (sequence, token) pairs of one step, which every rank must have drawn alike."""
-    return tuple((e.seq, e.step.token_id) for e in events if isinstance(e, Decoded))
-
-
-def _device_name(mx: object) -> str:
-    import mlx.core
-
-    device = mlx.core.default_device()
-    if device.type == mlx.core.DeviceType.gpu:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return f"gpu:{visible}" if visible else "gpu:0"
-    return "cpu"

@@ -25,7 +25,6 @@ import logging
 import os
 import queue
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -343,7 +342,3 @@ def _close_quietly(stream: Any) -> None:
             stream.close()
     except OSError:
         pass
-
-
-def hostname() -> str:
-    return socket.gethostname()
