@@ -24,6 +24,7 @@ never gets lines it does not know.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -123,6 +124,25 @@ class Unload:
     id: RequestId | None = None
 
 
+# What ``response_format`` and ``grammar`` may ask the output to be.
+CONSTRAINT_KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "lark")
+# The longest grammar text (a schema's JSON, a regex, a Lark grammar) a request may give.
+MAX_GRAMMAR_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputConstraint:
+    """The shape the answer must have: ``kind`` is one of :data:`CONSTRAINT_KINDS`;
+    ``source`` is the JSON Schema as JSON text (keys in the order sent), the regular
+    expression, or the Lark grammar ("" for ``json_object``); ``field`` names
+    where the request gave it, for errors (``response_format.json_schema.schema``)."""
+
+    kind: str
+    source: str
+    field: str
+    name: str | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Generate:
     id: RequestId | None = None
@@ -132,6 +152,8 @@ class Generate:
     cache_key: str | None = None
     # Ask for ``progress`` events during prefill (addressed dialect only).
     progress: bool = False
+    # ``response_format`` or ``grammar``: the answer's shape, enforced token by token.
+    constraint: OutputConstraint | None = None
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -148,6 +170,8 @@ class Chat:
     cache_key: str | None = None
     # Ask for ``progress`` events during prefill (addressed dialect only).
     progress: bool = False
+    # ``response_format`` or ``grammar``: the answer's shape, enforced token by token.
+    constraint: OutputConstraint | None = None
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -409,6 +433,57 @@ def _tools(f: Fields) -> tuple[Mapping[str, JsonValue], ...] | None:
     return tuple(f.list_("tools") or ())  # type: ignore[arg-type]
 
 
+def _constraint(f: Fields) -> OutputConstraint | None:
+    """``response_format`` (OpenAI's shape) or ``grammar``, at most one of them."""
+    fmt = f.child("response_format")
+    grammar = f.child("grammar")
+    constraint = _response_format(fmt) if fmt is not None else None
+    if grammar is not None:
+        if constraint is not None:
+            raise f.fail("grammar", "give response_format or grammar, not both")
+        constraint = _grammar(grammar)
+    if constraint is not None:
+        size = len(constraint.source.encode("utf-8", "surrogatepass"))
+        if size > MAX_GRAMMAR_BYTES:
+            raise f.fail(
+                constraint.field, f"{size} bytes, over the limit of {MAX_GRAMMAR_BYTES} bytes"
+            )
+        if "\0" in constraint.source:
+            raise f.fail(constraint.field, "must not contain a NUL character")
+    return constraint
+
+
+def _response_format(fmt: Fields) -> OutputConstraint | None:
+    kind = fmt.required_str("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputConstraint(kind=kind, source="", field="response_format")
+    if kind != "json_schema":
+        raise fmt.fail(
+            "type", f"must be text, json_object or json_schema, got {_short(repr(kind))}"
+        )
+    spec = fmt.required_child("json_schema")
+    name = spec.str_("name")
+    spec.bool_("strict", False)
+    schema = spec.object_("schema")
+    if schema is None:
+        raise spec.fail("schema", "required (a JSON Schema object)")
+    # as sent: the order of properties is the order the answer gives them in
+    source = json.dumps(schema, ensure_ascii=False)
+    return OutputConstraint(
+        kind=kind, source=source, field="response_format.json_schema.schema", name=name
+    )
+
+
+def _grammar(g: Fields) -> OutputConstraint:
+    kind = g.required_str("type")
+    if kind not in ("regex", "lark"):
+        raise g.fail("type", f"must be regex or lark, got {_short(repr(kind))}")
+    source = g.required_str(kind, nonempty=True)
+    return OutputConstraint(kind=kind, source=source, field=f"grammar.{kind}")
+
+
 def _progress(f: Fields, rid: RequestId | None) -> bool:
     """``progress``: a boolean, and ``true`` only on an addressed request."""
     progress = f.bool_("progress", False)
@@ -443,6 +518,7 @@ def _generate(f: Fields, rid: RequestId | None) -> Generate:
         sampling=_sampling(f),
         cache_key=f.str_("cache_key", nonempty=True),
         progress=_progress(f, rid),
+        constraint=_constraint(f),
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
@@ -460,6 +536,7 @@ def _chat(f: Fields, rid: RequestId | None) -> Chat:
         tools=_tools(f),
         cache_key=f.str_("cache_key", nonempty=True),
         progress=_progress(f, rid),
+        constraint=_constraint(f),
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
@@ -534,7 +611,18 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
         )
     ),
     "unload": frozenset(_COMMON),
-    "generate": frozenset((*_COMMON, "prompt", *SAMPLING_OPTIONS, "cache_key", "progress", "mock")),
+    "generate": frozenset(
+        (
+            *_COMMON,
+            "prompt",
+            *SAMPLING_OPTIONS,
+            "cache_key",
+            "progress",
+            "response_format",
+            "grammar",
+            "mock",
+        )
+    ),
     "chat": frozenset(
         (
             *_COMMON,
@@ -544,6 +632,8 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
             "tools",
             "cache_key",
             "progress",
+            "response_format",
+            "grammar",
             "mock",
         )
     ),

@@ -19,10 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, ToolCall, TopLogprob
-from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Sampling, Tokenize
+from protocol.requests import (
+    Detokenize,
+    GenerationRequest,
+    Inspect,
+    Load,
+    OutputConstraint,
+    Sampling,
+    Tokenize,
+)
 
 if TYPE_CHECKING:
     from bridge.model_dir.files import ModelFiles
@@ -40,17 +48,28 @@ AnswerParser = Callable[[str], ParsedAnswer | None]
 """Called once with the answer's text (stop strings removed); None: no tool calls."""
 
 
+class Constraint(Protocol):
+    """A compiled output grammar (:mod:`bridge.engines.constraints`)."""
+
+    def processor(self, prompt_tokens: int) -> Any:
+        """A fresh logits processor for one sequence whose prompt has ``prompt_tokens``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Prepared:
     """A generation request turned into prompt token ids, ready to run.
 
     ``cache_key`` names the prompt-cache slot; ``answer_parser``, when set,
-    looks for tool calls in the finished answer (for ``done``)."""
+    looks for tool calls in the finished answer (for ``done``); ``output``
+    is the request's constraint and ``constraint`` its compiled grammar."""
 
     tokens: tuple[int, ...]
     sampling: Sampling
     cache_key: str | None = None
     answer_parser: AnswerParser | None = None
+    output: OutputConstraint | None = None
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

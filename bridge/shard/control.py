@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from bridge.engines.engine_protocol import Decoded, Event
-from protocol.requests import Sampling
+from protocol.requests import OutputConstraint, Sampling
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30
@@ -61,6 +61,7 @@ class Add:
     sampling: Sampling
     cache_key: str | None
     cached: int  # prompt tokens rank 0 found in its prompt cache; every rank must find as many
+    output: OutputConstraint | None = None  # the grammar; every rank compiles and applies it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

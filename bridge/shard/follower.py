@@ -110,8 +110,13 @@ class Follower:
             case control.Add():
                 decoder = self._decoder or engine.decoder()
                 self._decoder = decoder
+                output = order.output
                 prepared = Prepared(
-                    tokens=order.tokens, sampling=order.sampling, cache_key=order.cache_key
+                    tokens=order.tokens,
+                    sampling=order.sampling,
+                    cache_key=order.cache_key,
+                    output=output,
+                    constraint=engine.compile_constraint(output) if output else None,
                 )
                 cached = decoder.add(order.seq, prepared, should_abort=_never)
                 if cached != order.cached:

@@ -292,6 +292,7 @@ class MirroredDecoder:
                 sampling=prepared.sampling,
                 cache_key=prepared.cache_key,
                 cached=cached,
+                output=prepared.output,
             )
         )
         return cached

@@ -184,6 +184,25 @@ def test_a_conversation_reuses_its_prompt_cache_on_every_rank(
     assert token_ids(got) == token_ids(want)
 
 
+def test_a_constrained_answer_equals_one_process(
+    sharded: WorkerProcess, loaded_worker: WorkerProcess
+) -> None:
+    """Every rank compiles the grammar and masks its own logits alike."""
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "maximum": 99}, "s": {"enum": ["a", "b"]}},
+        "required": ["n", "s"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    for i, prompt in enumerate(PROMPTS[:2]):
+        request = gen(f"js{i}", prompt, max_tokens=64, response_format=fmt)
+        want = loaded_worker.request(request)
+        got = sharded.request(request)
+        assert token_ids(got) == token_ids(want)
+        assert got[-1]["finish_reason"] == want[-1]["finish_reason"]
+
+
 # -- cancel -------------------------------------------------------------------------------
 
 

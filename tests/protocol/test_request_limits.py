@@ -349,6 +349,8 @@ FULL: dict[str, dict[str, Any]] = {
         **{option: None for option in SAMPLING_OPTIONS},
         "cache_key": "k",
         "progress": True,
+        "response_format": {"type": "text"},
+        "grammar": None,
         "mock": {},
     },
     "tokenize": {"text": "x", "add_special_tokens": True},

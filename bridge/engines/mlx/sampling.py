@@ -92,6 +92,8 @@ class SequenceSampling:
     processors: list[Any]
     seeded: SeededSampler | None = None
     context: int = 0  # prompt tokens the processors look back over
+    # an output grammar's processor (bridge.engines.constraints), applied last
+    constraint: Any = None
 
     def at(self, position: int) -> None:
         if self.seeded is not None:
@@ -100,12 +102,23 @@ class SequenceSampling:
     def processors_after(self, history: Sequence[int]) -> list[Any]:
         """The processors, seeing ``history`` (tokens already in the cache)
         before the tokens ``generate_step`` passes them."""
-        if not self.processors or not history or not self.context:
-            return list(self.processors)
-        import mlx.core as mx
+        out = list(self.processors)
+        if out and history and self.context:
+            import mlx.core as mx
 
-        past = mx.array(list(history[-self.context :]))
-        return [_with_history(p, past) for p in self.processors]
+            past = mx.array(list(history[-self.context :]))
+            out = [_with_history(p, past) for p in out]
+        if self.constraint is not None:
+            self.constraint.offset = len(history)
+            out.append(self.constraint)
+        return out
+
+    def batch_processors(self) -> list[Any]:
+        """The processors for ``BatchGenerator``, which passes every token of the sequence."""
+        if self.constraint is None:
+            return self.processors
+        self.constraint.offset = 0
+        return [*self.processors, self.constraint]
 
 
 class SeededSampler:

@@ -141,6 +141,8 @@ class TextDecoder:
             sampling=make_sequence_sampling(prepared.sampling),
             text=for_tokenizer(self._tokenizer),
         )
+        if prepared.constraint is not None:
+            state.sampling.constraint = prepared.constraint.processor(len(prompt))
         cache = reuse.cache if reuse.cache is not None else self._new_cache()
         state.cache = cache
         state.fed = list(prompt[: reuse.cached])
@@ -289,7 +291,7 @@ class TextDecoder:
             caches=[state.cache],
             all_tokens=[list(history)],
             samplers=[sampling.sampler],
-            logits_processors=[sampling.processors],
+            logits_processors=[sampling.batch_processors()],
         )
         state.uid = uid
         state.cache = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from bridge.engines.constraints import Compiled, Grammars
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
 from bridge.engines.engine_protocol import (
     DEFAULT_MAX_CONCURRENCY,
@@ -45,7 +46,14 @@ from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_too
 from bridge.model_dir.config import kv_cache_bytes
 from bridge.model_dir.files import Footprint, ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
-from protocol.errors import InvalidRequest, LoadFailed, NoModel, VisionNotSupported, WireError
+from protocol.errors import (
+    InvalidRequest,
+    LoadFailed,
+    NoModel,
+    RequestId,
+    VisionNotSupported,
+    WireError,
+)
 from protocol.fields import JsonValue
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import (
@@ -56,6 +64,7 @@ from protocol.requests import (
     GenerationRequest,
     Inspect,
     Load,
+    OutputConstraint,
     Sampling,
     TextPart,
     Tokenize,
@@ -87,6 +96,7 @@ class _Loaded:
     weights_bytes: int
     max_kv_size: int | None
     kv: KvShape
+    grammars: Grammars
 
 
 class MlxLmEngine:
@@ -166,7 +176,8 @@ class MlxLmEngine:
             bytes_per_token=-(-kv_cache_bytes(files.config, files.weights, 1) // parts),
             budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
         )
-        self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len, kv)
+        grammars = Grammars(tokenizer, facts.vocab_size)
+        self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len, kv, grammars)
         say(LoadStep(step="ready"))
         log.info("loaded %s (%s, %d layers)", directory, facts.model_type, facts.layers)
         return facts
@@ -214,12 +225,24 @@ class MlxLmEngine:
         sampling = limits.check(
             len(tokens), field=field_name, sampling=sampling, request_id=request.id
         )
+        output = request.constraint
         return Prepared(
             tokens=tuple(tokens),
             sampling=sampling,
             cache_key=request.cache_key,
             answer_parser=_answer_parser(tool_format, tools),
+            output=output,
+            constraint=self.compile_constraint(output, request.id) if output else None,
         )
+
+    def compile_constraint(
+        self, output: OutputConstraint, request_id: RequestId | None = None
+    ) -> Compiled:
+        """``output`` compiled for the loaded model (cached); invalid_request if it cannot be."""
+        loaded = self._loaded
+        if loaded is None:
+            raise NoModel("no model loaded", request_id=request_id)
+        return loaded.grammars.compile(output, request_id)
 
     def decoder(self) -> TextDecoder:
         loaded = self._loaded

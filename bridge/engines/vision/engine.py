@@ -206,6 +206,12 @@ class MlxVlmEngine:
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         loaded = self._require(request)
+        if request.constraint is not None:
+            raise InvalidRequest(
+                f"{request.constraint.field.split('.')[0]}: a vision model cannot constrain "
+                "its output yet; send it without response_format or grammar",
+                request_id=request.id,
+            )
         limits = ContextLimits(
             context_len=loaded.facts.context_len, max_prompt_tokens=self._max_prompt_tokens
         )
