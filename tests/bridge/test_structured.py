@@ -145,9 +145,11 @@ def test_regex_and_lark_grammars(loaded_worker: WorkerProcess) -> None:
 def test_constrained_and_plain_requests_batch_together(loaded_worker: WorkerProcess) -> None:
     """A constrained row's mask never touches its neighbours: the plain
     requests give what they give alone, and the constrained ones validate."""
-    plain = {f"p{i}": {"prompt": p, "max_tokens": 24} for i, p in enumerate(PROMPTS[:2])}
+    plain: dict[str, dict[str, Any]] = {
+        f"p{i}": {"prompt": p, "max_tokens": 24} for i, p in enumerate(PROMPTS[:2])
+    }
     alone = {rid: token_ids(ask(loaded_worker, f"alone-{rid}", **f)) for rid, f in plain.items()}
-    constrained = {
+    constrained: dict[str, dict[str, Any]] = {
         f"c{i}": {"prompt": p, "response_format": schema_format(SCHEMAS[i % 2])}
         for i, p in enumerate(PROMPTS)
     }
