@@ -11,10 +11,11 @@ and unconstrained ones decode in the same batch.
 The mask is llguidance's bitmask (one bit per token), filled through its
 numpy API and applied with plain MLX ops (``mx.where``): llguidance's own
 MLX helper, like outlines' and mlx-vlm's, is a Metal kernel, which MLX's CPU
-and CUDA builds do not have. The processor first starts the forward pass
-(``mx.async_eval`` of the logits), then waits for the token the matcher must
-consume (the step's input, already sampled), and fills the mask on the CPU
-while the device computes the logits.
+and CUDA builds do not have. The processor reads the token the matcher must
+consume (the step's input, sampled by the step before) before the step's
+forward pass is queued: reading it after would wait for that pass too (the
+device runs its queue in order), which on an H200 cost more than the
+forward pass itself at 8 rows (docs/benchmarks.md).
 
 When the grammar is complete, the mask leaves only the end-of-sequence
 token, so a constrained answer ends with ``finish_reason: stop``; cut off by
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -156,16 +158,24 @@ class ConstraintProcessor:
         self._fill = lln.fill_next_token_bitmask
         self._broken = False
         self.offset = 0
+        # On BatchGenerator's lane: this sequence's input token of the step,
+        # read with every other row's in one go (bridge.engines.text.decoder).
+        self.peek: Callable[[], int | None] | None = None
 
     def __call__(self, context: Any, logits: Any) -> Any:
         import mlx.core as mx
+        import numpy as np
 
         answer = self.offset + int(context.shape[0]) - self._prompt
         if answer > self._consumed and self._matcher.is_stopped():
             self._consumed = answer  # the grammar is complete: what follows is the end
         elif answer > self._consumed:
-            mx.async_eval(logits)  # type: ignore[no-untyped-call]  # computes while we fill
-            new: list[int] = context[-(answer - self._consumed) :].tolist()
+            peeked = self.peek() if self.peek is not None and answer == self._consumed + 1 else None
+            # Otherwise read before anything of this step is queued: the token was
+            # sampled by the step before, so this waits for that step alone.
+            new: list[int] = (
+                [peeked] if peeked is not None else context[-(answer - self._consumed) :].tolist()
+            )
             if not self._matcher.consume_tokens(new) and not self._broken:
                 # cannot happen with the mask applied; end the answer rather than the batch
                 log.error("grammar: %s; ending the answer", self._matcher.get_error())
@@ -175,9 +185,8 @@ class ConstraintProcessor:
             self._matcher.rollback(self._consumed - answer)
             self._consumed = answer
         self._fill(self._matcher, self._bitmask, 0)  # an error state leaves only EOS
-        words = mx.array(self._bitmask[0])
-        bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
-        allowed = bits.reshape(-1)[: logits.shape[-1]].astype(mx.bool_)
+        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
+        allowed = mx.array(bits[: logits.shape[-1]].view(np.bool_))
         return mx.where(allowed, logits, -mx.inf)
 
 
