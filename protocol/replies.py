@@ -167,6 +167,7 @@ class ModelFacts:
     vision: bool = False
     vision_details: VisionDetails | None = None
     sharding: Sharding | None = None
+    draft: str | None = None  # the draft model's directory, when one is loaded
 
     def to_wire(self) -> Wire:
         out: Wire = {
@@ -188,6 +189,8 @@ class ModelFacts:
             out["vision_details"] = self.vision_details.to_wire()
         if self.sharding is not None:
             out["sharding"] = self.sharding.to_wire()
+        if self.draft is not None:
+            out["draft"] = self.draft
         return out
 
 
@@ -319,6 +322,9 @@ class Done:
     cached_tokens: int = 0
     tool_calls: tuple[ToolCall, ...] | None = None
     content: str | None = None
+    # With a draft model loaded: the answer's tokens the draft proposed and
+    # the model accepted (0 when the request decoded without it).
+    draft_tokens_accepted: int | None = None
 
     def to_wire(self) -> Wire:
         out = _envelope("done", self.id) | {
@@ -336,6 +342,8 @@ class Done:
         if self.tool_calls is not None:
             out["tool_calls"] = [call.to_wire() for call in self.tool_calls]
             out["content"] = self.content or ""
+        if self.draft_tokens_accepted is not None:
+            out["draft_tokens_accepted"] = self.draft_tokens_accepted
         return out
 
 

@@ -192,6 +192,7 @@ def _facts(f: Fields) -> ModelFacts:
         vision=f.bool_("vision", False),
         vision_details=_vision_details(f.child("vision_details")),
         sharding=_sharding(f.child("sharding")),
+        draft=f.str_("draft"),
     )
 
 
@@ -280,6 +281,7 @@ def _done(f: Fields, rid: RequestId | None) -> Done:
         cached_tokens=f.int_("cached_tokens", 0) or 0,
         tool_calls=_tool_calls(f),
         content=f.str_("content"),
+        draft_tokens_accepted=f.int_("draft_tokens_accepted", minimum=0),
     )
 
 

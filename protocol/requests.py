@@ -62,6 +62,13 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int = 0
+    # Tokens the loaded draft model proposes per step (speculative decoding);
+    # None: the worker's default when a draft is loaded; 0: no draft.
+    num_draft_tokens: int | None = None
+
+
+# Most draft tokens one step may propose.
+MAX_DRAFT_TOKENS = 32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +114,8 @@ class Load:
     id: RequestId | None = None
     path: str
     adapter_path: str | None = None
+    # A small model with the same tokenizer, for speculative decoding.
+    draft_path: str | None = None
     context_len: int | None = None
     trust_remote_code: bool = False
     force: bool = False
@@ -354,6 +363,7 @@ def _sampling(f: Fields) -> Sampling:
         seed=f.int_("seed", minimum=0, maximum=2**64 - 1),
         stop=f.str_list("stop"),
         logprobs=f.int_("logprobs", 0, minimum=0, maximum=MAX_LOGPROBS) or 0,
+        num_draft_tokens=f.int_("num_draft_tokens", minimum=0, maximum=MAX_DRAFT_TOKENS),
     )
 
 
@@ -501,6 +511,7 @@ def _load(f: Fields, rid: RequestId | None) -> Load:
         id=rid,
         path=f.path_("path", required=True) or "",
         adapter_path=f.path_("adapter_path"),
+        draft_path=f.path_("draft_path"),
         context_len=f.int_("context_len", minimum=1),
         trust_remote_code=f.bool_("trust_remote_code", False),
         force=f.bool_("force", False),
@@ -588,6 +599,7 @@ SAMPLING_OPTIONS: tuple[str, ...] = (
     "seed",
     "stop",
     "logprobs",
+    "num_draft_tokens",
 )
 
 # -- the fields each command knows --------------------------------------------------------
@@ -601,6 +613,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
             *_COMMON,
             "path",
             "adapter_path",
+            "draft_path",
             "context_len",
             "trust_remote_code",
             "force",

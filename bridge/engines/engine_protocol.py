@@ -62,7 +62,8 @@ class Prepared:
 
     ``cache_key`` names the prompt-cache slot; ``answer_parser``, when set,
     looks for tool calls in the finished answer (for ``done``); ``output``
-    is the request's constraint and ``constraint`` its compiled grammar."""
+    is the request's constraint and ``constraint`` its compiled grammar;
+    ``draft_tokens`` how many tokens a loaded draft model proposes a step."""
 
     tokens: tuple[int, ...]
     sampling: Sampling
@@ -70,6 +71,9 @@ class Prepared:
     answer_parser: AnswerParser | None = None
     output: OutputConstraint | None = None
     constraint: Constraint | None = None
+    # Draft tokens a step may propose: None, no draft model is loaded; 0, this
+    # request decodes without it.
+    draft_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +91,7 @@ class Step:
     finish_reason: str | None = None
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] | None = None
+    from_draft: bool = False  # proposed by the draft model and accepted
 
 
 ShouldAbort = Callable[[], bool]

@@ -80,6 +80,7 @@ class Generation:
         self.admitted_at = admitted_at
         self.cached_tokens = 0
         self.tokens = 0
+        self.drafted = 0  # answer tokens a draft model proposed and the model accepted
         self._progress = request.progress and request.id is not None
         self._first_at: float | None = None
         self._last_at: float | None = None
@@ -112,6 +113,7 @@ class Generation:
         self._last_at = now
         if not step.is_eos:
             self.tokens += 1
+            self.drafted += step.from_draft
         if not step.is_eos or step.text:
             if self._stops.active:
                 for held, text in self._stops.push(step, step.text):
@@ -154,6 +156,7 @@ class Generation:
                 cached_tokens=self.cached_tokens,
                 tool_calls=parsed.tool_calls if parsed is not None else None,
                 content=parsed.content if parsed is not None else None,
+                draft_tokens_accepted=None if self.prepared.draft_tokens is None else self.drafted,
             )
         )
 

@@ -117,6 +117,8 @@ class ModelFiles:
     config: dict[str, object]
     weights: Weights
     adapter: Path | None
+    # a draft model for speculative decoding (``load``'s ``draft_path``), checked alike
+    draft: ModelFiles | None = None
 
     @property
     def weights_bytes(self) -> int:
@@ -137,8 +139,9 @@ class ModelFiles:
         tokens = context_len or min(
             self.max_positions() or DEFAULT_GATE_TOKENS, DEFAULT_GATE_TOKENS
         )
+        draft = self.draft.weights_bytes if self.draft is not None else 0
         return Footprint(
-            weights=self.weights_bytes,
+            weights=self.weights_bytes + draft,
             kv_cache=kv_cache_bytes(self.config, self.weights, tokens),
             kv_tokens=tokens,
         )

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +82,7 @@ class _Seq:
     # prompt tokens the solo lane had prefilled before a move to the batch,
     # which counts only what it is given: its progress is offset by these
     base: int = 0
-    steps: Any = None  # generate_step's iterator once decoding
+    steps: Any = None  # generate_step's (or speculative_generate_step's) iterator once decoding
     # -- batch lane only --
     uid: int | None = None
 
@@ -103,8 +103,11 @@ class TextDecoder:
         prefill_batch_size: int,
         max_kv_size: int | None,
         kv: KvShape,
+        draft: nn.Module | None = None,
     ) -> None:
+        """``draft``: a draft model, for the solo lane's speculative decoding."""
         self._model = model
+        self._draft = draft
         self._tokenizer = tokenizer
         self._caches = caches
         # Moving a sequence between the lanes trims its KV cache by one token;
@@ -216,7 +219,7 @@ class TextDecoder:
             state.steps = self._start_steps(state, state.pending)
             state.fed.extend(state.pending)
             state.pending = []
-        token, logprobs = next(state.steps)
+        token, logprobs, from_draft = next(state.steps)
         events: list[Event] = []
         if state.emitted == 0 and state.total > 0:
             events.append(Prefilled(seq=seq, done=state.total, total=state.total))
@@ -224,7 +227,10 @@ class TextDecoder:
         finish = "stop" if token in self._eos else None
         if finish is None and state.remaining <= 1:
             finish = "length"
-        events.append(Decoded(seq=seq, step=self._step(state, token, logprobs, finish)))
+        step = self._step(state, token, logprobs, finish)
+        if from_draft:
+            step = replace(step, from_draft=True)
+        events.append(Decoded(seq=seq, step=step))
         if finish is not None:
             self._seqs.pop(seq, None)
             self._solo = None
@@ -233,19 +239,52 @@ class TextDecoder:
         return events
 
     def _start_steps(self, state: _Seq, feed: list[int]) -> Any:
-        """generate_step over ``state.cache`` (which holds ``state.fed``), fed ``feed``."""
+        """generate_step over ``state.cache`` (which holds ``state.fed``), fed
+        ``feed``; speculative_generate_step when the request drafts. Yields
+        (token, logprobs, whether the draft proposed it)."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
         sampling = state.sampling
         sampling.at(state.emitted)
-        return generate_step(
+        processors = sampling.processors_after(state.fed) or None
+        drafts = state.prepared.draft_tokens or 0
+        if self._draft is not None and drafts > 0 and sampling.constraint is None:
+            return self._speculate(state, feed, drafts, processors)
+        steps = generate_step(
             mx.array(feed),
             self._model,
             max_tokens=state.remaining,
             sampler=sampling.sampler,
-            logits_processors=sampling.processors_after(state.fed) or None,
+            logits_processors=processors,
             prompt_cache=state.cache,
+            prefill_step_size=self._prefill_step,
+        )
+        return ((token, logprobs, False) for token, logprobs in steps)
+
+    def _speculate(self, state: _Seq, feed: list[int], drafts: int, processors: Any) -> Any:
+        """speculative_generate_step: the draft's own cache is filled with the
+        tokens the model's cache already holds, then both are fed ``feed``."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream, speculative_generate_step
+
+        draft = self._draft
+        assert draft is not None and state.cache is not None
+        draft_cache = self._new_cache_of(draft, self._max_kv_size)
+        held = list(state.fed)
+        with mx.stream(generation_stream):
+            for start in range(0, len(held), self._prefill_step):
+                draft(mx.array(held[start : start + self._prefill_step])[None], cache=draft_cache)
+                mx.eval([c.state for c in draft_cache])
+        return speculative_generate_step(
+            mx.array(feed),
+            self._model,
+            draft,
+            num_draft_tokens=drafts,
+            max_tokens=state.remaining,
+            sampler=state.sampling.sampler,
+            logits_processors=processors,
+            prompt_cache=[*state.cache, *draft_cache],
             prefill_step_size=self._prefill_step,
         )
 
@@ -272,7 +311,6 @@ class TextDecoder:
 
     def _to_batch(self, seq: SeqId) -> None:
         """Move ``seq`` (new, or the solo lane's) into the batch."""
-        from mlx_lm.models.cache import trim_prompt_cache
 
         state = self._seqs[seq]
         if self._solo == seq:
@@ -280,8 +318,8 @@ class TextDecoder:
         if state.steps is not None:  # decoding: feed the last token again (module docstring)
             self._close_solo(state)
             assert state.cache is not None
-            trim_prompt_cache(state.cache, 1)
-            prompt, history = [state.last_token], state.fed[:-1]
+            held = _aligned(state.cache, len(state.fed) - 1)
+            prompt, history = state.fed[held:], state.fed[:held]
         else:
             prompt, history = state.pending, state.fed
             state.base = state.total - len(state.pending)
@@ -386,6 +424,8 @@ class TextDecoder:
     def _keep(self, state: _Seq, tokens: Sequence[int], cache: KVCache | None) -> None:
         if cache is None:
             return
+        held = _aligned(cache, len(tokens))
+        tokens = tokens[:held]
         try:
             self._caches.put(state.cache_key, tokens, cache)
         except Exception:  # losing a warm cache must not fail the request
@@ -421,6 +461,21 @@ class StepInputs:
             self._array = current
             self._values = dict(zip(uids, values, strict=True))
         return self._values.get(uid)
+
+
+def _aligned(cache: KVCache, tokens: int) -> int:
+    """Trim ``cache`` to at most ``tokens`` positions; how many it holds then.
+
+    One lane computes a token ahead, so its cache holds one more than was
+    handed out; a speculative lane ends with a correction token it has not
+    fed yet, so its cache may hold one fewer."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    held = int(getattr(cache[0], "offset", tokens)) if cache else tokens
+    if held > tokens:
+        trim_prompt_cache(cache, held - tokens)
+        held = tokens
+    return held
 
 
 def _trimmable(cache: KVCache) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from bridge.engines.mlx.memory import (
 from bridge.engines.mlx.sampling import check_token_ids, fit_vocab
 from bridge.engines.prompt_tokens import encode_prompt
 from bridge.engines.text.decoder import TextDecoder
+from bridge.engines.text.draft import DEFAULT_DRAFT_TOKENS, load_draft
 from bridge.engines.text.loading import LoadPlan, WeightsLoader, WholeModel
 from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_BYTES,
@@ -97,6 +98,7 @@ class _Loaded:
     max_kv_size: int | None
     kv: KvShape
     grammars: Grammars
+    draft: nn.Module | None = None
 
 
 class MlxLmEngine:
@@ -148,6 +150,10 @@ class MlxLmEngine:
         trust = remote_code_allowed(request, worker_allows=self._trust_remote_code)
         directory = files.directory
         parts = self._loader.parts
+        if files.draft is not None and parts > 1:
+            raise LoadFailed(
+                "draft_path: a sharded worker runs no draft model", request_id=request.id
+            )
         needed = -(-files.weights_bytes // parts)  # this process's share
         adapter = str(files.adapter) if files.adapter is not None else None
         check_fits(
@@ -176,8 +182,16 @@ class MlxLmEngine:
             bytes_per_token=-(-kv_cache_bytes(files.config, files.weights, 1) // parts),
             budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
         )
+        draft = None
+        if files.draft is not None:
+            draft = load_draft(
+                files.draft, tokenizer, trust_remote_code=trust, request_id=request.id
+            )
+            facts = replace(facts, draft=str(files.draft.directory))
         grammars = Grammars(tokenizer, facts.vocab_size)
-        self._loaded = _Loaded(model, tokenizer, facts, needed, request.context_len, kv, grammars)
+        self._loaded = _Loaded(
+            model, tokenizer, facts, needed, request.context_len, kv, grammars, draft
+        )
         say(LoadStep(step="ready"))
         log.info("loaded %s (%s, %d layers)", directory, facts.model_type, facts.layers)
         return facts
@@ -226,7 +240,14 @@ class MlxLmEngine:
             len(tokens), field=field_name, sampling=sampling, request_id=request.id
         )
         output = request.constraint
+        drafts: int | None = None
+        if loaded.draft is not None:
+            asked = request.sampling.num_draft_tokens
+            drafts = DEFAULT_DRAFT_TOKENS if asked is None else asked
+            if output is not None:
+                drafts = 0  # the grammar's matcher takes one token a step
         return Prepared(
+            draft_tokens=drafts,
             tokens=tuple(tokens),
             sampling=sampling,
             cache_key=request.cache_key,
@@ -257,6 +278,7 @@ class MlxLmEngine:
             prefill_batch_size=self._prefill_batch_size,
             max_kv_size=loaded.max_kv_size,
             kv=loaded.kv,
+            draft=loaded.draft,
         )
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
