@@ -34,11 +34,14 @@ order the worker wrote them. Without ``progress`` a stream yields only
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
-    """Token counts; ``cached_tokens`` of the prompt came from the prompt cache."""
+    """Token counts; ``cached_tokens`` of the prompt came from the prompt cache;
+    ``draft_tokens_accepted`` of the completion were a draft model's (None: no
+    draft is loaded)."""
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    draft_tokens_accepted: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -77,6 +80,7 @@ class StreamResult:
                 prompt_tokens=done.prompt_tokens,
                 completion_tokens=done.tokens_generated,
                 cached_tokens=done.cached_tokens,
+                draft_tokens_accepted=done.draft_tokens_accepted,
             ),
             timings=Timings(
                 ttft_ms=done.ttft_ms,

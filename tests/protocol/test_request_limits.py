@@ -336,6 +336,7 @@ FULL: dict[str, dict[str, Any]] = {
     "load": {
         "path": "/m",
         "adapter_path": "/a",
+        "draft_path": "/d",
         "context_len": 8,
         "trust_remote_code": False,
         "force": False,
