@@ -30,11 +30,13 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from bridge.engines.engine_protocol import ParsedAnswer
 from protocol.fields import JsonValue
 from protocol.replies import ToolCall
+from protocol.requests import ChatMessage
 
 log = logging.getLogger("bridge.tool_calls")
 
@@ -84,6 +86,44 @@ def parse_answer(
     if not calls:
         return None
     return ParsedAnswer(tool_calls=tuple(calls), content="".join(content).strip())
+
+
+def tool_format_for(tokenizer: Any, tools: Sequence[object] | None) -> ToolCallFormat | None:
+    """The format to parse a chat's answer with: None without tools, and None
+    (with a warning) when mlx-lm knows no tool-call format for the model."""
+    if not tools:
+        return None
+    fmt = ToolCallFormat.of(tokenizer)
+    if fmt is None:
+        log.warning(
+            "tools given, but mlx-lm knows no tool-call format for this model; "
+            "the answer is returned as text"
+        )
+    return fmt
+
+
+def answer_parser(
+    fmt: ToolCallFormat | None, tools: Sequence[Mapping[str, JsonValue]] | None
+) -> Callable[[str], ParsedAnswer | None] | None:
+    """Finds tool calls in a finished answer, when the request declared tools
+    and mlx-lm knows the model's tool-call format."""
+    if fmt is None:
+        return None
+    return partial(parse_answer, fmt=fmt, tools=tools)
+
+
+def template_fields(message: ChatMessage) -> dict[str, Any]:
+    """A message's fields for the chat template besides ``role`` and
+    ``content``, the same for every engine: ``name``, ``tool_calls`` (their
+    arguments decoded, :func:`template_tool_calls`) and ``tool_call_id``."""
+    out: dict[str, Any] = {}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls is not None:
+        out["tool_calls"] = template_tool_calls(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def template_tool_calls(tool_calls: Sequence[JsonValue]) -> list[JsonValue]:

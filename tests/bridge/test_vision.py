@@ -184,7 +184,12 @@ def test_text_only_requests_to_the_vision_model(vlm_worker: WorkerProcess) -> No
     assert vlm_worker.call({"cmd": "detokenize", "id": "d", "tokens": tokens})["text"] == "hello"
 
 
-def test_tools_to_a_vision_model_answer_as_text_with_a_warning(vlm_worker: WorkerProcess) -> None:
+def test_tools_to_a_vision_model_without_a_tool_format_answer_as_text(
+    vlm_worker: WorkerProcess,
+) -> None:
+    """The fixture's template has no tool-call format: as for such a text
+    model, the answer is text and a warning says so (test_vision_tools.py
+    has one with a format)."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     chat = vlm_worker.request(
         {
@@ -197,7 +202,7 @@ def test_tools_to_a_vision_model_answer_as_text_with_a_warning(vlm_worker: Worke
     )
     assert chat[-1]["finish_reason"] == "length" and "tool_calls" not in chat[-1]
     deadline = time.monotonic() + 5
-    while "not parsed for tool calls" not in vlm_worker.stderr_text:
+    while "knows no tool-call format for this model" not in vlm_worker.stderr_text:
         assert time.monotonic() < deadline, vlm_worker.stderr_text
         time.sleep(0.05)
 

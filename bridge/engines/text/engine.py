@@ -8,7 +8,6 @@ before MLX has finished importing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ from bridge.engines.constraints import Compiled, Grammars
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits, chat_chars
 from bridge.engines.engine_protocol import (
     DEFAULT_MAX_CONCURRENCY,
-    AnswerParser,
     KvShape,
     LoadStep,
     Prepared,
@@ -43,7 +41,7 @@ from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_ENTRIES,
     PromptCacheStore,
 )
-from bridge.engines.tool_calls import ToolCallFormat, parse_answer, template_tool_calls
+from bridge.engines.tool_calls import answer_parser, template_fields, tool_format_for
 from bridge.model_dir.config import kv_cache_bytes
 from bridge.model_dir.files import Footprint, ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
@@ -55,7 +53,6 @@ from protocol.errors import (
     VisionNotSupported,
     WireError,
 )
-from protocol.fields import JsonValue
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import (
     Chat,
@@ -227,13 +224,7 @@ class MlxLmEngine:
                 field_name = "messages"
                 tokens = self._chat_tokens(tokenizer, request, limits, sampling)
                 tools = request.tools or None
-                if tools:
-                    tool_format = ToolCallFormat.of(tokenizer)
-                    if tool_format is None:
-                        log.warning(
-                            "tools given, but mlx-lm knows no tool-call format for this model; "
-                            "the answer is returned as text"
-                        )
+                tool_format = tool_format_for(tokenizer, tools)
         if not tokens:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
         sampling = limits.check(
@@ -251,7 +242,7 @@ class MlxLmEngine:
             tokens=tuple(tokens),
             sampling=sampling,
             cache_key=request.cache_key,
-            answer_parser=_answer_parser(tool_format, tools),
+            answer_parser=answer_parser(tool_format, tools),
             output=output,
             constraint=self.compile_constraint(output, request.id) if output else None,
         )
@@ -415,21 +406,4 @@ def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[s
     content = message.content
     if isinstance(content, tuple):
         content = "".join(p.text for p in content if isinstance(p, TextPart))
-    out: dict[str, Any] = {"role": message.role, "content": content}
-    if message.name is not None:
-        out["name"] = message.name
-    if message.tool_calls is not None:
-        out["tool_calls"] = template_tool_calls(message.tool_calls)
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    return out
-
-
-def _answer_parser(
-    tool_format: ToolCallFormat | None, tools: tuple[Mapping[str, JsonValue], ...] | None
-) -> AnswerParser | None:
-    """Finds tool calls in a finished answer, when the request declared tools
-    and mlx-lm knows the model's tool-call format."""
-    if tool_format is None:
-        return None
-    return partial(parse_answer, fmt=tool_format, tools=tools)
+    return {"role": message.role, "content": content, **template_fields(message)}

@@ -53,6 +53,7 @@ from bridge.engines.mlx.sampling import (
 from bridge.engines.prompt_tokens import encode_prompt
 from bridge.engines.solo import SoloDecoder
 from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
+from bridge.engines.tool_calls import answer_parser, template_fields, tool_format_for
 from bridge.engines.vision.images import ImagePolicy, image_parts, load_images
 from bridge.model_dir.files import ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
@@ -106,6 +107,8 @@ class _Loaded:
     facts: ModelFacts
     weights_bytes: int
     max_kv_size: int | None
+    # mlx-lm's view of the tokenizer, for its tool-call format (bridge.engines.tool_calls)
+    tool_tokenizer: Any = None
 
 
 def require_mlx_vlm(path: str) -> None:
@@ -189,6 +192,7 @@ class MlxVlmEngine:
             facts,
             needed,
             request.context_len,
+            _tool_tokenizer(directory, trust=trust),
         )
         say(LoadStep(step="weights", done=needed, total=needed, unit="bytes"))
         say(LoadStep(step="ready"))
@@ -232,11 +236,6 @@ class MlxVlmEngine:
                 )
                 return Prepared(tokens=tuple(tokens), sampling=sampling)
             case Chat():
-                if request.tools:
-                    log.warning(
-                        "tools given to a vision model: they are not passed to its chat "
-                        "template and its answer is not parsed for tool calls"
-                    )
                 return self._prepare_chat(loaded, request, limits, sampling)
 
     def decoder(self) -> Decoder:
@@ -401,6 +400,9 @@ class MlxVlmEngine:
         images = load_images(located, self._images, request_id=request.id)
         messages = [_template_message(m) for m in request.messages]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+        tools = request.tools or None
+        if tools:
+            kwargs["tools"] = [dict(t) for t in tools]
         config = loaded.model.config
         processor = loaded.processor
         try:
@@ -450,6 +452,7 @@ class MlxVlmEngine:
         return VisionPrepared(
             tokens=tuple(tokens),
             sampling=sampling,
+            answer_parser=answer_parser(tool_format_for(loaded.tool_tokenizer, tools), tools),
             pixel_values=inputs.get("pixel_values") if images else None,
             mask=inputs.get("attention_mask"),
             extra=extra,
@@ -491,14 +494,20 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
             content = "".join(str(p["text"]) for p in content)
     else:
         content = message.content
-    out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name is not None:
-        out["name"] = message.name
-    if message.tool_calls is not None:
-        out["tool_calls"] = list(message.tool_calls)
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    return out
+    return {"role": message.role, "content": content or "", **template_fields(message)}
+
+
+def _tool_tokenizer(directory: Any, *, trust: bool) -> Any:
+    """mlx-lm's tokenizer wrapper for the model directory: it picks the
+    tool-call format (markers and parser) from the tokenizer's config and
+    chat template, as for a text model. None if mlx-lm cannot read it."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    try:
+        return load_tokenizer(directory, {"trust_remote_code": trust})
+    except Exception as exc:  # tools then come back as text, as for a model without a format
+        log.warning("no tool-call format for this vision model: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 def _peak_memory() -> int:
