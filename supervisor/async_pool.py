@@ -262,6 +262,7 @@ class AsyncWorkerPool:
         path: str | os.PathLike[str],
         *,
         adapter_path: str | None = None,
+        draft_path: str | None = None,
         context_len: int | None = None,
         trust_remote_code: bool = False,
         force: bool = False,
@@ -281,6 +282,7 @@ class AsyncWorkerPool:
                 lambda w: w.load(
                     path,
                     adapter_path=adapter_path,
+                    draft_path=draft_path,
                     context_len=context_len,
                     trust_remote_code=trust_remote_code,
                     force=force,

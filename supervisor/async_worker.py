@@ -479,6 +479,7 @@ class AsyncWorker:
         path: str | os.PathLike[str],
         *,
         adapter_path: str | None = None,
+        draft_path: str | None = None,
         context_len: int | None = None,
         trust_remote_code: bool = False,
         force: bool = False,
@@ -495,6 +496,7 @@ class AsyncWorker:
         fields = commands.load_fields(
             path,
             adapter_path=adapter_path,
+            draft_path=draft_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,

@@ -61,7 +61,7 @@ STREAMING = frozenset({"generate", "chat"})
 
 
 # The fields that name files: a NUL byte can never be part of a path.
-_PATH_FIELDS = {"load": ("path", "adapter_path"), "inspect": ("dir",)}
+_PATH_FIELDS = {"load": ("path", "adapter_path", "draft_path"), "inspect": ("dir",)}
 
 
 def checked(cmd: str, fields: Mapping[str, object]) -> Fields:
@@ -95,6 +95,7 @@ def load_fields(
     path: object,
     *,
     adapter_path: object = None,
+    draft_path: object = None,
     context_len: int | None = None,
     trust_remote_code: bool = False,
     force: bool = False,
@@ -104,6 +105,8 @@ def load_fields(
     fields: dict[str, object] = {"path": arguments.path("path", path)}
     if adapter_path is not None:
         fields["adapter_path"] = arguments.path("adapter_path", adapter_path)
+    if draft_path is not None:
+        fields["draft_path"] = arguments.path("draft_path", draft_path)
     if context_len is not None:
         fields["context_len"] = context_len
     if trust_remote_code is not False:  # anything else than False goes to the parser
@@ -126,7 +129,9 @@ def _progress(fields: dict[str, object], progress: object) -> None:
 
 
 class SamplingOptions(TypedDict, total=False):
-    """Decoding options of ``generate`` and ``chat`` (docs/protocol.md)."""
+    """Decoding options of ``generate`` and ``chat`` (docs/protocol.md):
+    the sampling options, ``num_draft_tokens`` (speculative decoding), and
+    the answer's shape, ``response_format`` or ``grammar`` (Structured output)."""
 
     max_tokens: int
     temperature: float
@@ -139,6 +144,9 @@ class SamplingOptions(TypedDict, total=False):
     seed: int
     stop: str | Sequence[str]
     logprobs: int
+    num_draft_tokens: int
+    response_format: Mapping[str, object]
+    grammar: Mapping[str, object]
 
 
 _SAMPLING = tuple(SamplingOptions.__annotations__)
@@ -150,7 +158,7 @@ def sampling_fields(options: Mapping[str, object]) -> dict[str, object]:
     fields: dict[str, object] = {}
     for key, value in options.items():
         if key not in _SAMPLING:
-            raise InvalidArgument(f"{key}: not a sampling option; they are {', '.join(_SAMPLING)}")
+            raise InvalidArgument(f"{key}: not a decoding option; they are {', '.join(_SAMPLING)}")
         if value is None:
             continue
         if key == "logit_bias" and isinstance(value, Mapping):

@@ -280,6 +280,7 @@ class WorkerPool:
         path: str | os.PathLike[str],
         *,
         adapter_path: str | None = None,
+        draft_path: str | None = None,
         context_len: int | None = None,
         trust_remote_code: bool = False,
         force: bool = False,
@@ -301,6 +302,7 @@ class WorkerPool:
                 lambda w: w.load(
                     path,
                     adapter_path=adapter_path,
+                    draft_path=draft_path,
                     context_len=context_len,
                     trust_remote_code=trust_remote_code,
                     force=force,

@@ -502,6 +502,7 @@ class Worker:
         path: str | os.PathLike[str],
         *,
         adapter_path: str | None = None,
+        draft_path: str | None = None,
         context_len: int | None = None,
         trust_remote_code: bool = False,
         force: bool = False,
@@ -529,6 +530,7 @@ class Worker:
         fields = commands.load_fields(
             path,
             adapter_path=adapter_path,
+            draft_path=draft_path,
             context_len=context_len,
             trust_remote_code=trust_remote_code,
             force=force,

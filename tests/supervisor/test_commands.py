@@ -27,7 +27,9 @@ def _parsed(cmd: str, fields: commands.Fields) -> object:
 
 def test_sampling_options_are_the_protocols() -> None:
     aliases = {"repeat_penalty"}  # accepted by the worker, never sent by the supervisor
-    assert set(commands.SamplingOptions.__annotations__) == set(SAMPLING_OPTIONS) - aliases
+    shape = {"response_format", "grammar"}  # the answer's shape, beside the sampling options
+    options = set(commands.SamplingOptions.__annotations__)
+    assert options == (set(SAMPLING_OPTIONS) - aliases) | shape
 
 
 def test_every_command_but_cancel_has_its_expected_reply() -> None:
