@@ -47,14 +47,20 @@ def _expect_cancelled_error(s: Session, exchange: Exchange | None) -> None:
 def queued(s: Session) -> str:
     running = _long(s)
     s.wait_tokens(running)
+    # A load waits for the running batch to drain, and everything behind it
+    # waits too (docs/protocol.md, Ordering): what follows is queued for sure,
+    # however fast the worker reaches it.
+    assert s.model_path is not None
+    gate = s.send({"cmd": "load", "id": s.fresh_id("queued"), "path": s.model_path})
     waiting = s.send(
         {"cmd": "generate", "id": s.fresh_id("queued"), "prompt": "x", "max_tokens": 3}
     )
     tokenize = s.send({"cmd": "tokenize", "id": s.fresh_id("queued"), "text": "queued"})
-    assert waiting is not None and tokenize is not None
+    assert gate is not None and waiting is not None and tokenize is not None
     s.cancel(waiting.id)
     s.cancel(tokenize.id)
-    s.wait(waiting, tokenize)
+    s.cancel(gate.id)
+    s.wait(waiting, tokenize, gate)
     if running.terminal is not None:
         raise fail("the running generation ended before the queued requests were cancelled")
     if check_cancelled(waiting) != "queued":
@@ -63,10 +69,14 @@ def queued(s: Session) -> str:
         done_of(waiting), {"ttft_ms": None, "tokens_generated": 0, "prompt_tokens": 0}, "queued"
     )
     _expect_cancelled_error(s, tokenize)
+    _expect_cancelled_error(s, gate)
     s.cancel(running.id)
     s.wait(running)
     check_cancelled(running)
-    return "generate: done/cancelled (0 tokens); tokenize: error/cancelled; the running one went on"
+    return (
+        "behind a waiting load: generate done/cancelled (0 tokens), tokenize and the load "
+        "error/cancelled; the running one went on"
+    )
 
 
 def decoding(s: Session) -> str:
