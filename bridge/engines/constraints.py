@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, RequestId
 from protocol.requests import OutputConstraint
 
 if TYPE_CHECKING:
@@ -94,22 +94,30 @@ class Grammars:
         self._tokenizer: Any = None
         self._compiled: OrderedDict[str, Compiled] = OrderedDict()
 
-    def compile(self, constraint: OutputConstraint, request_id: object = None) -> Compiled:
+    def compile(
+        self, constraint: OutputConstraint, request_id: RequestId | None = None
+    ) -> Compiled:
         """The compiled grammar; ``invalid_request`` naming ``constraint.field``
-        if llguidance cannot compile it."""
+        if llguidance cannot compile it (whatever it raises: the text is the
+        request's, so a failure is the request's, never ``internal``)."""
         from llguidance import LLMatcher
 
-        rid = request_id if isinstance(request_id, str | int) else None
+        rid = request_id
         try:
             grammar = grammar_text(constraint)
-        except (ValueError, TypeError) as exc:
-            raise InvalidRequest(f"{constraint.field}: {exc}", request_id=rid) from None
+        except Exception as exc:
+            raise InvalidRequest(
+                f"{constraint.field}: {_short(str(exc))}", request_id=rid
+            ) from None
         found = self._compiled.get(grammar)
         if found is not None:
             self._compiled.move_to_end(grammar)
             return found
         tokenizer = self._ll_tokenizer(rid)
-        error = LLMatcher.validate_grammar(grammar, tokenizer)
+        try:
+            error = LLMatcher.validate_grammar(grammar, tokenizer)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
         if error:
             raise InvalidRequest(f"{constraint.field}: {_short(error)}", request_id=rid)
         compiled = Compiled(grammar, tokenizer, self._vocab)

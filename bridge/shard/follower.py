@@ -136,6 +136,8 @@ class Follower:
             case control.UnloadModel():
                 self._close_decoder()
                 engine.unload()
+            case control.AskMemory():  # one that came before the order thread could answer it
+                self.answer_memory()
             case control.Stop():
                 return False
             case _:
