@@ -251,6 +251,8 @@ def parse_request_id(raw: Mapping[str, object]) -> RequestId | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**64:  # what JSON parsers (and replies) carry
+            raise InvalidRequest("id: an integer id must lie from -2^63 to 2^64 - 1")
         return value
     raise InvalidRequest(f"id: must be a string or an integer, got {describe(value)}")
 
