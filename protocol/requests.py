@@ -181,6 +181,10 @@ class Chat:
     progress: bool = False
     # ``response_format`` or ``grammar``: the answer's shape, enforced token by token.
     constraint: OutputConstraint | None = None
+    # OpenAI's ``tool_choice``: "auto", "none", "required", or "function" with
+    # ``tool_name`` set (that tool only).
+    tool_choice: str = "auto"
+    tool_name: str | None = None
     # Fault injection for mock_worker (see mock_worker/README.md); the real worker ignores it.
     mock: Mapping[str, JsonValue] | None = None
 
@@ -496,6 +500,43 @@ def _grammar(g: Fields) -> OutputConstraint:
     return OutputConstraint(kind=kind, source=source, field=f"grammar.{kind}")
 
 
+TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required")
+
+
+def tool_name(tool: Mapping[str, JsonValue]) -> str | None:
+    """A tool definition's function name (``_tools`` checked that it has one)."""
+    function = tool.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _tool_choice(
+    f: Fields, tools: tuple[Mapping[str, JsonValue], ...] | None
+) -> tuple[str, str | None]:
+    """OpenAI's ``tool_choice``: a mode, or ``{"type":"function","function":{"name":…}}``."""
+    raw = f.raw("tool_choice")
+    if raw is None:
+        return "auto", None
+    if isinstance(raw, str):
+        if raw not in TOOL_CHOICES:
+            got = _short(repr(raw))
+            raise f.fail("tool_choice", f"must be auto, none, required or a function, got {got}")
+        if raw == "required" and not tools:
+            raise f.fail("tool_choice", "'required' needs tools")
+        return raw, None
+    choice = f.child("tool_choice")
+    if choice is None:
+        raise f.fail("tool_choice", f"must be a string or an object, got {describe(raw)}")
+    kind = choice.str_("type")
+    if kind is not None and kind != "function":
+        raise choice.fail("type", f"must be 'function', got {_short(repr(kind))}")
+    name = choice.required_child("function").required_str("name", nonempty=True)
+    names = [tool_name(t) for t in tools or ()]
+    if name not in names:
+        raise f.fail("tool_choice.function.name", f"{_short(repr(name))} is not one of the tools")
+    return "function", name
+
+
 def _progress(f: Fields, rid: RequestId | None) -> bool:
     """``progress``: a boolean, and ``true`` only on an addressed request."""
     progress = f.bool_("progress", False)
@@ -541,15 +582,19 @@ def _chat(f: Fields, rid: RequestId | None) -> Chat:
     if not messages:
         raise f.fail("messages", "must not be empty")
     kwargs = f.object_("chat_template_kwargs")
+    tools = _tools(f)
+    choice, name = _tool_choice(f, tools)
     return Chat(
         id=rid,
         messages=tuple(_message(m) for m in messages),
         sampling=_sampling(f),
         chat_template_kwargs=kwargs,  # type: ignore[arg-type]
-        tools=_tools(f),
+        tools=tools,
         cache_key=f.str_("cache_key", nonempty=True),
         progress=_progress(f, rid),
         constraint=_constraint(f),
+        tool_choice=choice,
+        tool_name=name,
         mock=f.object_("mock"),  # type: ignore[arg-type]
     )
 
@@ -645,6 +690,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
             *SAMPLING_OPTIONS,
             "chat_template_kwargs",
             "tools",
+            "tool_choice",
             "cache_key",
             "progress",
             "response_format",

@@ -28,15 +28,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from bridge.engines.engine_protocol import ParsedAnswer
+from protocol.errors import InvalidRequest
 from protocol.fields import JsonValue
 from protocol.replies import ToolCall
-from protocol.requests import ChatMessage
+from protocol.requests import Chat, ChatMessage, OutputConstraint, tool_name
 
 log = logging.getLogger("bridge.tool_calls")
 
@@ -110,6 +111,76 @@ def answer_parser(
     if fmt is None:
         return None
     return partial(parse_answer, fmt=fmt, tools=tools)
+
+
+def offered_tools(request: Chat) -> tuple[Mapping[str, JsonValue], ...] | None:
+    """The tools the chat template is given: none with ``tool_choice: "none"``."""
+    if request.tool_choice == "none":
+        return None
+    return request.tools or None
+
+
+def required_call(
+    request: Chat, fmt: ToolCallFormat | None, specials: Collection[str] = ()
+) -> OutputConstraint | None:
+    """For ``tool_choice`` ``required`` (or one named function): a grammar
+    that makes the answer exactly one call, in the model's own markers, of
+    one of the tools with arguments that validate against its parameters.
+    Built for JSON tool calls (``<tool_call>{"name": …, "arguments": …}</tool_call>``,
+    mlx-lm's ``json_tools`` parser); another format is ``invalid_request``.
+    A marker that is one of the tokenizer's ``specials`` (added tokens) is
+    named as a token (``<tool_call>``), not spelled as text, as llguidance's
+    Lark wants it."""
+    if request.tool_choice not in ("required", "function"):
+        return None
+    rid = request.id
+    if request.constraint is not None:
+        raise InvalidRequest(
+            f"tool_choice: {request.tool_choice!r} constrains the answer itself; "
+            "send it without response_format or grammar",
+            request_id=rid,
+        )
+    if fmt is None:
+        raise InvalidRequest(
+            "tool_choice: mlx-lm knows no tool-call format for this model", request_id=rid
+        )
+    kind = getattr(fmt.parser, "__module__", "").rsplit(".", 1)[-1]
+    if kind != "json_tools" or not fmt.end:
+        raise InvalidRequest(
+            f"tool_choice: {request.tool_choice!r} is built for JSON tool calls "
+            f"(<tool_call>{{...}}</tool_call>); this model's format is {kind}",
+            request_id=rid,
+        )
+    choices = []
+    for tool in request.tools or ():
+        name = tool_name(tool)
+        if request.tool_choice == "function" and name != request.tool_name:
+            continue
+        function = tool.get("function")
+        parameters = function.get("parameters") if isinstance(function, dict) else None
+        choices.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": name},
+                    "arguments": parameters if isinstance(parameters, dict) else {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema: dict[str, Any] = choices[0] if len(choices) == 1 else {"anyOf": choices}
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    start, end = _marker(fmt.start, specials), _marker(fmt.end, specials)
+    newline = json.dumps("\n")
+    grammar = f"start: {start} {newline} call {newline} {end}\ncall: %json {json.dumps(schema)}"
+    return OutputConstraint(kind="lark", source=grammar, field="tool_choice")
+
+
+def _marker(text: str, specials: Collection[str]) -> str:
+    if text in specials and text.startswith("<") and text.endswith(">"):
+        return text
+    return json.dumps(text)
 
 
 def template_fields(message: ChatMessage) -> dict[str, Any]:

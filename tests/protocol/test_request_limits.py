@@ -363,6 +363,7 @@ FULL["chat"] = {
     "messages": [],
     "chat_template_kwargs": {},
     "tools": [],
+    "tool_choice": "auto",
 }
 
 

@@ -8,6 +8,7 @@ before MLX has finished importing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,13 @@ from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_ENTRIES,
     PromptCacheStore,
 )
-from bridge.engines.tool_calls import answer_parser, template_fields, tool_format_for
+from bridge.engines.tool_calls import (
+    answer_parser,
+    offered_tools,
+    required_call,
+    template_fields,
+    tool_format_for,
+)
 from bridge.model_dir.config import kv_cache_bytes
 from bridge.model_dir.files import Footprint, ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
@@ -53,6 +60,7 @@ from protocol.errors import (
     VisionNotSupported,
     WireError,
 )
+from protocol.fields import JsonValue
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import (
     Chat,
@@ -210,6 +218,7 @@ class MlxLmEngine:
         sampling = fit_vocab(request, loaded.facts.vocab_size)
         tool_format = None
         tools = None
+        output = request.constraint
         match request:
             case Generate():
                 field_name = "prompt"
@@ -222,15 +231,15 @@ class MlxLmEngine:
                 )
             case Chat():
                 field_name = "messages"
-                tokens = self._chat_tokens(tokenizer, request, limits, sampling)
-                tools = request.tools or None
+                tools = offered_tools(request)
+                tokens = self._chat_tokens(tokenizer, request, tools, limits, sampling)
                 tool_format = tool_format_for(tokenizer, tools)
+                output = required_call(request, tool_format, _specials(tokenizer)) or output
         if not tokens:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
         sampling = limits.check(
             len(tokens), field=field_name, sampling=sampling, request_id=request.id
         )
-        output = request.constraint
         drafts: int | None = None
         if loaded.draft is not None:
             asked = request.sampling.num_draft_tokens
@@ -346,13 +355,14 @@ class MlxLmEngine:
         self,
         tokenizer: TokenizerWrapper,
         request: Chat,
+        tools: tuple[Mapping[str, JsonValue], ...] | None,
         limits: ContextLimits,
         sampling: Sampling,
     ) -> list[int]:
         messages = [_template_message(m, i, request) for i, m in enumerate(request.messages)]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
-        if request.tools:
-            kwargs["tools"] = [dict(t) for t in request.tools]
+        if tools:
+            kwargs["tools"] = [dict(t) for t in tools]
         if tokenizer.has_chat_template:
             if limits.worth_prechecking(chat_chars(request)):
                 # refuse a chat far over the limit before tokenizing it whole
@@ -394,6 +404,13 @@ def _share(footprint: Footprint, parts: int) -> Footprint:
         kv_cache=-(-footprint.kv_cache // parts),
         kv_tokens=footprint.kv_tokens,
     )
+
+
+def _specials(tokenizer: TokenizerWrapper) -> frozenset[str]:
+    """The tokenizer's added tokens (special tokens among them), by text."""
+    backend = getattr(tokenizer, "_tokenizer", tokenizer)
+    added = getattr(backend, "get_added_vocab", None)
+    return frozenset(added()) if callable(added) else frozenset()
 
 
 def _template_message(message: ChatMessage, index: int, request: Chat) -> dict[str, Any]:

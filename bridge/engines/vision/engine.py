@@ -53,7 +53,12 @@ from bridge.engines.mlx.sampling import (
 from bridge.engines.prompt_tokens import encode_prompt
 from bridge.engines.solo import SoloDecoder
 from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
-from bridge.engines.tool_calls import answer_parser, template_fields, tool_format_for
+from bridge.engines.tool_calls import (
+    answer_parser,
+    offered_tools,
+    template_fields,
+    tool_format_for,
+)
 from bridge.engines.vision.images import ImagePolicy, image_parts, load_images
 from bridge.model_dir.files import ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
@@ -400,7 +405,13 @@ class MlxVlmEngine:
         images = load_images(located, self._images, request_id=request.id)
         messages = [_template_message(m) for m in request.messages]
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
-        tools = request.tools or None
+        if request.tool_choice in ("required", "function"):
+            raise InvalidRequest(
+                "tool_choice: a vision model cannot constrain its output yet; send "
+                "'auto' or 'none'",
+                request_id=request.id,
+            )
+        tools = offered_tools(request)
         if tools:
             kwargs["tools"] = [dict(t) for t in tools]
         config = loaded.model.config
