@@ -20,10 +20,10 @@ from bridge.engines.engine_protocol import (
     Step,
 )
 
-Generate = Callable[[Prepared, ShouldAbort], Generator[Step, None, None]]
-"""Yields steps until finished; checks ``should_abort`` between prefill
-chunks and returns early (without a last step) when it says so; closing the
-iterator stops decoding."""
+Generate = Callable[[Prepared, ShouldAbort], tuple[int, Generator[Step, None, None]]]
+"""The prompt tokens the prompt cache held, and a generator that yields
+steps until finished; it checks ``should_abort`` between prefill chunks and
+returns early (without a last step) when it says so; closing it stops decoding."""
 
 
 class SoloDecoder:
@@ -44,9 +44,9 @@ class SoloDecoder:
     def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
         if self._seq is not None:
             raise RuntimeError("a SoloDecoder holds one sequence at a time")
-        self._steps = self._generate(prepared, should_abort)
+        cached, self._steps = self._generate(prepared, should_abort)
         self._seq = seq
-        return 0
+        return cached
 
     def remove(self, seq: SeqId) -> None:
         if seq == self._seq:

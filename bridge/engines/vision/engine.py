@@ -25,8 +25,9 @@ mlx, mlx-vlm and Pillow are imported lazily, on the engine thread.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,13 @@ from bridge.engines.mlx.sampling import (
 from bridge.engines.prompt_tokens import encode_prompt
 from bridge.engines.solo import SoloDecoder
 from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
+from bridge.engines.text.prompt_cache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    MISS,
+    PromptCacheStore,
+    Reuse,
+)
 from bridge.engines.tool_calls import (
     answer_parser,
     offered_tools,
@@ -82,6 +90,12 @@ from protocol.requests import (
 if TYPE_CHECKING:
     import mlx.nn as nn
 
+# Model families whose prompt caches are reused: mlx-vlm's qwen2-vl family
+# places tokens with mRoPE, whose positions for the fed suffix are computed
+# from the whole prompt (``_prompt_positions``); other families' position
+# state is not handled yet, and they run every prompt cold.
+CACHEABLE = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
 log = logging.getLogger("bridge.vlm_engine")
 
 INSTALL_HINT = "pip install 'mlx-bridge[vlm]'"
@@ -103,6 +117,10 @@ class VisionPrepared(Prepared):
     pixel_values: Any = None
     mask: Any = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # the images' content, for the prompt cache (their placeholder tokens are
+    # the same for any image), and where their tokens end in the prompt
+    image_key: str = ""
+    images_end: int = 0
 
 
 @dataclass(slots=True)
@@ -136,7 +154,12 @@ class MlxVlmEngine:
         images: ImagePolicy | None = None,
         trust_remote_code: bool = False,
         max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
+        prompt_cache_entries: int = DEFAULT_MAX_ENTRIES,
+        prompt_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        self._caches = PromptCacheStore(
+            max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes
+        )
         self._prefill_step_size = prefill_step_size
         self._trust_remote_code = trust_remote_code  # --trust-remote-code
         self._max_prompt_tokens = max_prompt_tokens
@@ -207,6 +230,7 @@ class MlxVlmEngine:
         return facts
 
     def unload(self) -> bool:
+        self._forget_caches()
         if self._loaded is None:
             return False
         self._loaded = None
@@ -239,7 +263,9 @@ class MlxVlmEngine:
                 sampling = limits.check(
                     len(tokens), field="prompt", sampling=sampling, request_id=request.id
                 )
-                return Prepared(tokens=tuple(tokens), sampling=sampling)
+                return Prepared(
+                    tokens=tuple(tokens), sampling=sampling, cache_key=request.cache_key
+                )
             case Chat():
                 return self._prepare_chat(loaded, request, limits, sampling)
 
@@ -249,10 +275,34 @@ class MlxVlmEngine:
 
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
-    ) -> Generator[Step, None, None]:
+    ) -> tuple[int, Generator[Step, None, None]]:
+        """How many prompt tokens the prompt cache held, and the steps.
+
+        A cache is reused only for the model families whose position state is
+        known (:data:`CACHEABLE`), only under a slot that names the images'
+        content, and only when it holds every image token (an image cannot be
+        fed in part)."""
         loaded = self._loaded
         if loaded is None:
             raise NoModel("no model loaded")
+        key = self._slot(loaded, prepared)
+        reuse = MISS
+        if key is not None:
+            reuse = self._caches.take(key, prepared.tokens)
+            end = prepared.images_end if isinstance(prepared, VisionPrepared) else 0
+            if reuse.cached and reuse.cached < end:
+                reuse = MISS
+        steps = self._steps(loaded, prepared, should_abort, key, reuse)
+        return reuse.cached, steps
+
+    def _steps(
+        self,
+        loaded: _Loaded,
+        prepared: Prepared,
+        should_abort: ShouldAbort,
+        key: str | None,
+        reuse: Reuse,
+    ) -> Generator[Step, None, None]:
         import mlx.core as mx
         from mlx_vlm.generate import generate_step
         from mlx_vlm.generate.common import generation_stream, wired_limit
@@ -265,7 +315,12 @@ class MlxVlmEngine:
             pixel_values, mask, extra = prepared.pixel_values, prepared.mask, dict(prepared.extra)
         else:
             pixel_values, mask, extra = None, None, {}
-        n_prompt = len(prepared.tokens)
+        cached = reuse.cached
+        feed = list(prepared.tokens[cached:])
+        if cached:  # the images are in the cache already: feed the text after them
+            pixel_values, mask = None, None
+            extra = _prompt_positions(loaded.model, prepared.tokens, extra)
+        n_prompt = len(feed)
         step_size = self._prefill_step_size
 
         def checkpoint(done: int, _cache: object) -> None:
@@ -277,18 +332,20 @@ class MlxVlmEngine:
         tokenizer = _tokenizer(processor)
         stopping = tokenizer.stopping_criteria
         text = for_tokenizer(tokenizer)  # the stream joins up to detokenize
+        kv = reuse.cache if reuse.cache is not None else None
+        if kv is None:
+            kv = cache.make_prompt_cache(model.language_model, max_kv_size=loaded.max_kv_size)
+        answer: list[int] = []
         with wired_limit(model, [generation_stream]):
             steps = generate_step(
-                mx.array([list(prepared.tokens)]),
+                mx.array([feed]),
                 model,
                 pixel_values,
                 mask,
                 max_tokens=s.max_tokens,
                 sampler=sampler,
                 logits_processors=processors or None,
-                prompt_cache=cache.make_prompt_cache(
-                    model.language_model, max_kv_size=loaded.max_kv_size
-                ),
+                prompt_cache=kv,
                 prefill_step_size=step_size,
                 prompt_cache_checkpoint=checkpoint,
                 prompt_cache_checkpoint_lengths=list(range(step_size, n_prompt, step_size)),
@@ -297,6 +354,7 @@ class MlxVlmEngine:
             try:
                 for n, (token, logprobs) in enumerate(steps):
                     token = int(token)
+                    answer.append(token)
                     eos = bool(stopping(token))
                     last = eos or n + 1 == s.max_tokens
                     piece = "" if eos else text.add(token)
@@ -317,6 +375,8 @@ class MlxVlmEngine:
                 return
             finally:
                 steps.close()
+                if key is not None:
+                    self._keep(loaded, key, [*prepared.tokens, *answer], kv)
                 mx.clear_cache()
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
@@ -338,6 +398,7 @@ class MlxVlmEngine:
         )
 
     def close(self) -> None:
+        self._forget_caches()
         self._loaded = None
         clear_streams()
 
@@ -348,9 +409,26 @@ class MlxVlmEngine:
         return loaded.facts if loaded else None
 
     def memory(self) -> MemoryStats:
-        return memory_stats()
+        return memory_stats(prompt_cache=self._caches.stats)
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _slot(self, loaded: _Loaded, prepared: Prepared) -> str | None:
+        """The prompt-cache slot: the request's ``cache_key`` and its images'
+        content; None when this model's caches are not reused."""
+        if not self._caches.enabled or loaded.facts.model_type not in CACHEABLE:
+            return None
+        images = prepared.image_key if isinstance(prepared, VisionPrepared) else ""
+        return f"{prepared.cache_key or ''}\0{images}"
+
+    def _keep(self, loaded: _Loaded, key: str, tokens: list[int], kv: Any) -> None:
+        try:
+            self._caches.put(key, tokens, kv)
+        except Exception:  # losing a warm cache must not fail the request
+            log.exception("prompt cache: could not keep slot %r", key)
+
+    def _forget_caches(self) -> None:
+        self._caches.clear()
 
     def _require(self, request: GenerationRequest | Tokenize | Detokenize | Inspect) -> _Loaded:
         if self._loaded is None:
@@ -460,14 +538,47 @@ class MlxVlmEngine:
             for k, v in inputs.items()
             if k not in ("input_ids", "pixel_values", "attention_mask")
         }
+        image_id = getattr(config, "image_token_id", None) or getattr(
+            config, "image_token_index", None
+        )
+        ends = [i + 1 for i, t in enumerate(tokens) if t == image_id] if images else []
         return VisionPrepared(
             tokens=tuple(tokens),
             sampling=sampling,
+            cache_key=request.cache_key,
+            image_key=_image_digest(images),
+            images_end=ends[-1] if ends else 0,
             answer_parser=answer_parser(tool_format_for(loaded.tool_tokenizer, tools), tools),
             pixel_values=inputs.get("pixel_values") if images else None,
             mask=inputs.get("attention_mask"),
             extra=extra,
         )
+
+
+def _prompt_positions(
+    model: Any, tokens: Sequence[int], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The whole prompt's mRoPE positions and deltas, for a run that feeds only
+    the part after a cached prefix: mlx-vlm takes them from the caller before
+    what it would derive from the suffix alone (which would restart at 0)."""
+    import mlx.core as mx
+
+    lm = model.language_model
+    positions, deltas = lm.get_rope_index(
+        mx.array([list(tokens)]), extra.get("image_grid_thw"), extra.get("video_grid_thw"), None
+    )
+    return {"position_ids": positions, "rope_deltas": deltas}
+
+
+def _image_digest(images: Sequence[Any]) -> str:
+    """The images' content (mode, size, pixels), in order, as one digest."""
+    if not images:
+        return ""
+    h = hashlib.sha256()
+    for image in images:
+        h.update(f"{image.mode}:{image.size}:".encode())
+        h.update(image.tobytes())
+    return h.hexdigest()
 
 
 def _tokenizer(processor: Any) -> Any:

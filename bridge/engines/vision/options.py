@@ -94,6 +94,8 @@ def routing_engine(
             images=policy,
             trust_remote_code=args.trust_remote_code,
             max_prompt_tokens=args.max_prompt_tokens or None,
+            prompt_cache_entries=args.prompt_cache_entries,
+            prompt_cache_bytes=args.prompt_cache_bytes,
         )
 
     return RoutingEngine(
