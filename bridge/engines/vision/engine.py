@@ -332,7 +332,7 @@ class MlxVlmEngine:
         tokenizer = _tokenizer(processor)
         stopping = tokenizer.stopping_criteria
         text = for_tokenizer(tokenizer)  # the stream joins up to detokenize
-        kv = reuse.cache if reuse.cache is not None else None
+        kv = reuse.cache
         if kv is None:
             kv = cache.make_prompt_cache(model.language_model, max_kv_size=loaded.max_kv_size)
         answer: list[int] = []
@@ -376,7 +376,7 @@ class MlxVlmEngine:
             finally:
                 steps.close()
                 if key is not None:
-                    self._keep(loaded, key, [*prepared.tokens, *answer], kv)
+                    self._keep(key, [*prepared.tokens, *answer], kv)
                 mx.clear_cache()
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
@@ -421,7 +421,7 @@ class MlxVlmEngine:
         images = prepared.image_key if isinstance(prepared, VisionPrepared) else ""
         return f"{prepared.cache_key or ''}\0{images}"
 
-    def _keep(self, loaded: _Loaded, key: str, tokens: list[int], kv: Any) -> None:
+    def _keep(self, key: str, tokens: list[int], kv: Any) -> None:
         try:
             self._caches.put(key, tokens, kv)
         except Exception:  # losing a warm cache must not fail the request
