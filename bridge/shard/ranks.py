@@ -158,10 +158,6 @@ class RankGroup:
         if lost is not None:
             hook(lost)
 
-    @property
-    def pids(self) -> tuple[int, ...]:
-        return tuple(r.process.pid for r in self._ranks)
-
     def lost(self, wait: float = 0.0) -> RankFailed | None:
         """The failure, if a rank has died (waiting up to ``wait`` seconds for one)."""
         if wait > 0:

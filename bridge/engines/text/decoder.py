@@ -424,8 +424,6 @@ class TextDecoder:
     def _keep(self, state: _Seq, tokens: Sequence[int], cache: KVCache | None) -> None:
         if cache is None:
             return
-        held = _aligned(cache, len(tokens))
-        tokens = tokens[:held]
         try:
             self._caches.put(state.cache_key, tokens, cache)
         except Exception:  # losing a warm cache must not fail the request
@@ -464,7 +462,8 @@ class StepInputs:
 
 
 def _aligned(cache: KVCache, tokens: int) -> int:
-    """Trim ``cache`` to at most ``tokens`` positions; how many it holds then.
+    """Trim ``cache`` to at most ``tokens`` positions; how many it holds then
+    (for a lane move: the prompt cache's ``put`` aligns what it keeps itself).
 
     One lane computes a token ahead, so its cache holds one more than was
     handed out; a speculative lane ends with a correction token it has not
