@@ -32,10 +32,10 @@ from pathlib import Path
 from bridge.engines.engine_protocol import Decoder, ModelEngine, Prepared, ReportLoad
 from bridge.engines.mlx.install import require_mlx
 from bridge.engines.mlx.memory import available_memory
-from bridge.model_dir.files import ModelFiles, check_fits, open_model, weights_bytes
+from bridge.model_dir.files import check_fits, open_model, weights_bytes
 from bridge.model_dir.kind import ModelKind, model_kind
 from bridge.model_dir.remote_code import remote_code_allowed
-from protocol.errors import LoadFailed, WireError
+from protocol.errors import LoadFailed
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts
 from protocol.requests import Detokenize, GenerationRequest, Inspect, Load, Tokenize
 
@@ -77,7 +77,8 @@ class RoutingEngine:
         require_mlx(request.id)  # before the vision check: mlx-vlm needs MLX too
         files = open_model(request.path, request.adapter_path, root=self._model_root)
         if request.draft_path is not None:
-            files = replace(files, draft=self._open_draft(request))
+            draft = open_model(request.draft_path, root=self._model_root, field="draft_path")
+            files = replace(files, draft=draft)
         kind = model_kind(files.config)
         if kind is ModelKind.VISION and files.draft is not None:
             raise LoadFailed(
@@ -132,19 +133,6 @@ class RoutingEngine:
         return self._current.memory()
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _open_draft(self, request: Load) -> ModelFiles:
-        """The draft's directory, checked as ``path`` is; its errors name ``draft_path``."""
-        assert request.draft_path is not None
-        try:
-            return open_model(request.draft_path, root=self._model_root)
-        except WireError as exc:
-            message = exc.message
-            if message.startswith("path:"):
-                message = "draft_path:" + message[len("path:") :]
-            else:
-                message = f"draft_path: {message}"
-            raise type(exc)(message, request_id=request.id) from None
 
     def _vision_engine(self) -> ModelEngine:
         if self._vision is None:

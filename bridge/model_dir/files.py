@@ -148,35 +148,42 @@ class ModelFiles:
 
 
 def open_model(
-    path: str, adapter_path: str | None = None, *, root: Path | None = None
+    path: str,
+    adapter_path: str | None = None,
+    *,
+    root: Path | None = None,
+    field: str = "path",
 ) -> ModelFiles:
     """Resolve ``path`` (and ``adapter_path``) and check everything a loader
-    will read; ``root`` confines both (see the module docstring)."""
-    directory = resolve_model_dir(path, root=root)
-    config = read_config(directory)
-    weights = read_weights(_weight_files(directory), field="path")
+    will read; ``root`` confines both (see the module docstring). Errors
+    about ``path`` name ``field`` (``draft_path`` for a draft model)."""
+    directory = resolve_model_dir(path, root=root, field=field)
+    config = read_config(directory, field=field)
+    weights = read_weights(_weight_files(directory), field=field)
     check_config(config, weights)
     adapter = resolve_adapter_dir(adapter_path, root=root) if adapter_path is not None else None
     return ModelFiles(directory=directory, config=config, weights=weights, adapter=adapter)
 
 
-def resolve_model_dir(path: str, *, root: Path | None = None) -> Path:
-    local = _local_path(path, "path", root)
+def resolve_model_dir(path: str, *, root: Path | None = None, field: str = "path") -> Path:
+    local = _local_path(path, field, root)
     st = _stat(local)
     if st is not None:
         if root is not None:
-            _check_inside(local, root, "path", path)
+            _check_inside(local, root, field, path)
         if not stat.S_ISDIR(st.st_mode):
             if root is not None:
-                raise Forbidden(f"path: {path} is not a directory")
-            raise ModelNotFound(f"path: {path} is a file, not a model directory")
-        return _checked(local, root)
+                raise Forbidden(f"{field}: {path} is not a directory")
+            raise ModelNotFound(f"{field}: {path} is a file, not a model directory")
+        return _checked(local, root, field)
     if _looks_like_repo_id(path):
-        snapshot = _from_hub_cache(path)
+        snapshot = _from_hub_cache(path, field)
         if root is not None and not Path(os.path.realpath(snapshot)).is_relative_to(root):
-            raise Forbidden(f"path: {path} is cached at {snapshot}, outside the model root {root}")
-        return _checked(snapshot, root)
-    raise ModelNotFound(f"path: no such directory: {path}")
+            raise Forbidden(
+                f"{field}: {path} is cached at {snapshot}, outside the model root {root}"
+            )
+        return _checked(snapshot, root, field)
+    raise ModelNotFound(f"{field}: no such directory: {path}")
 
 
 def confine(path: str, field: str, root: Path) -> Path:
@@ -215,14 +222,14 @@ def resolve_adapter_dir(path: str, *, root: Path | None = None) -> Path:
     return local
 
 
-def read_config(directory: Path) -> dict[str, object]:
+def read_config(directory: Path, *, field: str = "path") -> dict[str, object]:
     """``config.json``, read with the size and nesting bounds."""
     path = directory / "config.json"
     config = parse_json(
-        read_bounded(path, field="path", limit=MAX_CONFIG_BYTES), path=path, field="path"
+        read_bounded(path, field=field, limit=MAX_CONFIG_BYTES), path=path, field=field
     )
     if not isinstance(config, dict):
-        raise LoadFailed(f"path: {path} is not a JSON object")
+        raise LoadFailed(f"{field}: {path} is not a JSON object")
     return config
 
 
@@ -279,12 +286,12 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def _checked(directory: Path, root: Path | None) -> Path:
+def _checked(directory: Path, root: Path | None, field: str) -> Path:
     if _stat(directory / "config.json") is None and not os.path.islink(directory / "config.json"):
-        raise LoadFailed(f"path: {directory} is not a model directory (no config.json)")
-    _check_loader_files(directory, root, "path")
+        raise LoadFailed(f"{field}: {directory} is not a model directory (no config.json)")
+    _check_loader_files(directory, root, field)
     if not _weight_files(directory):
-        raise LoadFailed(f"path: {directory} has no *.safetensors weights")
+        raise LoadFailed(f"{field}: {directory} has no *.safetensors weights")
     return directory
 
 
@@ -347,7 +354,7 @@ def _looks_like_repo_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
 
 
-def _from_hub_cache(repo_id: str) -> Path:
+def _from_hub_cache(repo_id: str, field: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -355,8 +362,8 @@ def _from_hub_cache(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except LocalEntryNotFoundError:
         raise ModelNotFound(
-            f"path: {repo_id} is neither a local directory nor in the local Hugging Face "
+            f"{field}: {repo_id} is neither a local directory nor in the local Hugging Face "
             "cache (the worker never downloads; fetch it first)"
         ) from None
     except Exception as exc:  # malformed ids and cache errors
-        raise ModelNotFound(f"path: {repo_id}: {exc}") from None
+        raise ModelNotFound(f"{field}: {repo_id}: {exc}") from None
