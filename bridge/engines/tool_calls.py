@@ -121,16 +121,18 @@ def offered_tools(request: Chat) -> tuple[Mapping[str, JsonValue], ...] | None:
 
 
 def required_call(
-    request: Chat, fmt: ToolCallFormat | None, specials: Collection[str] = ()
+    request: Chat,
+    fmt: ToolCallFormat | None,
+    specials: Callable[[], Collection[str]] = frozenset,
 ) -> OutputConstraint | None:
     """For ``tool_choice`` ``required`` (or one named function): a grammar
     that makes the answer exactly one call, in the model's own markers, of
     one of the tools with arguments that validate against its parameters.
     Built for JSON tool calls (``<tool_call>{"name": …, "arguments": …}</tool_call>``,
     mlx-lm's ``json_tools`` parser); another format is ``invalid_request``.
-    A marker that is one of the tokenizer's ``specials`` (added tokens) is
-    named as a token (``<tool_call>``), not spelled as text, as llguidance's
-    Lark wants it."""
+    A marker that is one of the tokenizer's ``specials()`` (added tokens,
+    asked for only when a call is required) is named as a token
+    (``<tool_call>``), not spelled as text, as llguidance's Lark wants it."""
     if request.tool_choice not in ("required", "function"):
         return None
     rid = request.id
@@ -171,7 +173,8 @@ def required_call(
         )
     schema: dict[str, Any] = choices[0] if len(choices) == 1 else {"anyOf": choices}
     schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
-    start, end = _marker(fmt.start, specials), _marker(fmt.end, specials)
+    added = specials()
+    start, end = _marker(fmt.start, added), _marker(fmt.end, added)
     newline = json.dumps("\n")
     grammar = f"start: {start} {newline} call {newline} {end}\ncall: %json {json.dumps(schema)}"
     return OutputConstraint(kind="lark", source=grammar, field="tool_choice")

@@ -234,7 +234,8 @@ class MlxLmEngine:
                 tools = offered_tools(request)
                 tokens = self._chat_tokens(tokenizer, request, tools, limits, sampling)
                 tool_format = tool_format_for(tokenizer, tools)
-                output = required_call(request, tool_format, _specials(tokenizer)) or output
+                specials = partial(_specials, tokenizer)
+                output = required_call(request, tool_format, specials) or output
         if not tokens:
             raise InvalidRequest("prompt: encodes to zero tokens", request_id=request.id)
         sampling = limits.check(

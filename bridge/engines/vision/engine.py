@@ -30,6 +30,7 @@ import logging
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits
@@ -130,8 +131,18 @@ class _Loaded:
     facts: ModelFacts
     weights_bytes: int
     max_kv_size: int | None
-    # mlx-lm's view of the tokenizer, for its tool-call format (bridge.engines.tool_calls)
+    directory: Path
+    trust_remote_code: bool
+    # mlx-lm's view of the tokenizer, for its tool-call format
+    # (bridge.engines.tool_calls): read on the first chat with tools
     tool_tokenizer: Any = None
+    tool_tokenizer_read: bool = False
+
+    def tools_tokenizer(self) -> Any:
+        if not self.tool_tokenizer_read:
+            self.tool_tokenizer_read = True
+            self.tool_tokenizer = _tool_tokenizer(self.directory, trust=self.trust_remote_code)
+        return self.tool_tokenizer
 
 
 def require_mlx_vlm(path: str) -> None:
@@ -220,7 +231,8 @@ class MlxVlmEngine:
             facts,
             needed,
             request.context_len,
-            _tool_tokenizer(directory, trust=trust),
+            directory,
+            trust,
         )
         say(LoadStep(step="weights", done=needed, total=needed, unit="bytes"))
         say(LoadStep(step="ready"))
@@ -548,7 +560,9 @@ class MlxVlmEngine:
             cache_key=request.cache_key,
             image_key=_image_digest(images),
             images_end=ends[-1] if ends else 0,
-            answer_parser=answer_parser(tool_format_for(loaded.tool_tokenizer, tools), tools),
+            answer_parser=answer_parser(
+                tool_format_for(loaded.tools_tokenizer(), tools) if tools else None, tools
+            ),
             pixel_values=inputs.get("pixel_values") if images else None,
             mask=inputs.get("attention_mask"),
             extra=extra,
