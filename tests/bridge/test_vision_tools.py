@@ -22,7 +22,7 @@ from bridge.engines.tool_calls import template_fields
 from protocol.requests import Chat, Detokenize, Load, parse_request
 from tests.bridge.test_tool_calls import HISTORY, QWEN_CALL, TOOLS
 from tests.bridge.test_vision import tiny_vlm as tiny_vlm  # the session fixture
-from tests.harness import WorkerProcess, text_of
+from tests.harness import WorkerProcess
 
 TOOLS_TEMPLATE = (
     "{%- if tools -%}{{- '<|im_start|>system\\n<tools>' -}}"
