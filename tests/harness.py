@@ -185,3 +185,21 @@ def text_of(lines: Sequence[Line]) -> str:
 
 def token_ids(lines: Sequence[Line]) -> list[int]:
     return [line["token_id"] for line in lines if line["type"] == "token"]
+
+
+def alive_after(pids: Sequence[int], seconds: float) -> list[int]:
+    """The ``pids`` still running (zombies count as gone) after up to ``seconds``."""
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)

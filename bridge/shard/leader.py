@@ -199,8 +199,7 @@ class ShardedEngine:
     def _around_load(self, plan: LoadPlan) -> Callable[[BaseException | None], None]:
         seed = secrets.randbits(32)
         assert self._engine is not None
-        loader = self._loader
-        loader.seed = seed
+        self._loader.begin(seed)  # this rank too owes the others the load's barrier
         self._group.send(
             [
                 control.LoadModel(

@@ -81,8 +81,6 @@ class ShardedModel:
                 "to find each rank's layers; use --shard tensor"
             )
         finish = self._around(plan) if self._around is not None else None
-        if self._around is not None:
-            self.synced = False
         error: BaseException | None = None
         loaded: Loaded | None = None
         say(LoadStep(step="weights", done=0, total=plan.weights_bytes, unit="bytes"))

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from bridge import demo_model
+from tests.bridge.conversation import second_turn_matches
 from tests.harness import WorkerProcess, token_ids
 
 PROMPTS = ["hello world", "The quick brown fox", "1, 2, 3,"]
@@ -114,21 +115,7 @@ def test_batched_and_moved_requests_are_the_same_with_a_draft(
 def test_a_conversation_cache_with_a_draft(
     drafted: WorkerProcess, loaded_worker: WorkerProcess
 ) -> None:
-    turn = {"cmd": "chat", "messages": CHAT, "max_tokens": 8, "cache_key": "conv"}
-    for worker in (drafted, loaded_worker):
-        worker.request({**turn, "id": "t1"})
-    second = {
-        **turn,
-        "messages": [
-            *CHAT,
-            {"role": "assistant", "content": "Red."},
-            {"role": "user", "content": "More."},
-        ],
-    }
-    want = loaded_worker.request({**second, "id": "t2"})
-    got = drafted.request({**second, "id": "t2"})
-    assert got[-1]["cached_tokens"] == want[-1]["cached_tokens"] > 0
-    assert token_ids(got) == token_ids(want)
+    second_turn_matches(drafted, loaded_worker, CHAT)
 
 
 def test_cancel_with_a_draft(drafted: WorkerProcess) -> None:

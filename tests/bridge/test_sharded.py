@@ -21,7 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness import WorkerProcess, text_of, token_ids
+from tests.bridge.conversation import second_turn_matches
+from tests.harness import WorkerProcess, alive_after, text_of, token_ids
 
 LONG_PROMPT = Path(os.__file__).read_text()[:10000]  # about 3,900 tokens
 PROMPTS = ["hello world", "The quick brown fox", "1, 2, 3, 4,", "def main():"]
@@ -48,22 +49,6 @@ def sharded(tiny_model: Path) -> Iterator[WorkerProcess]:
 def rank_pids(worker: WorkerProcess) -> list[int]:
     info = worker.call({"cmd": "info", "id": "pids"})
     return [r["pid"] for r in info["sharding"]["ranks"]]
-
-
-def gone_within(pids: list[int], seconds: float) -> list[int]:
-    """The pids still alive (not zombies) after up to ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
 
 
 def gen(rid: str, prompt: str, **fields: object) -> dict[str, object]:
@@ -167,21 +152,7 @@ def test_stop_strings_and_max_tokens_as_in_one_process(
 def test_a_conversation_reuses_its_prompt_cache_on_every_rank(
     sharded: WorkerProcess, loaded_worker: WorkerProcess
 ) -> None:
-    turn = {"cmd": "chat", "messages": CHAT, "max_tokens": 8, "cache_key": "conv"}
-    for worker in (sharded, loaded_worker):
-        worker.request({**turn, "id": "t1"})
-    second = {
-        **turn,
-        "messages": [
-            *CHAT,
-            {"role": "assistant", "content": "Red."},
-            {"role": "user", "content": "More."},
-        ],
-    }
-    want = loaded_worker.request({**second, "id": "t2"})
-    got = sharded.request({**second, "id": "t2"})
-    assert got[-1]["cached_tokens"] == want[-1]["cached_tokens"] > 0
-    assert token_ids(got) == token_ids(want)
+    second_turn_matches(sharded, loaded_worker, CHAT)
 
 
 def test_a_constrained_answer_equals_one_process(
@@ -314,7 +285,7 @@ def test_quit_ends_every_rank(tiny_model: Path) -> None:
         pids = rank_pids(worker)
         assert worker.call({"cmd": "quit", "id": "q"})["type"] == "bye"
         assert worker.wait(10) == 0
-        assert gone_within(pids, 2.0) == []
+        assert alive_after(pids, 2.0) == []
 
 
 def test_end_of_input_ends_every_rank_mid_stream(tiny_model: Path) -> None:
@@ -324,7 +295,7 @@ def test_end_of_input_ends_every_rank_mid_stream(tiny_model: Path) -> None:
         assert worker.read()["type"] == "token"
         worker.close_stdin()
         assert worker.wait(10) == 0
-        assert gone_within(pids, 2.0) == []
+        assert alive_after(pids, 2.0) == []
 
 
 def test_sigkill_of_rank_1_mid_stream_is_rank_failed(tiny_model: Path) -> None:
@@ -348,7 +319,7 @@ def test_sigkill_of_rank_1_mid_stream_is_rank_failed(tiny_model: Path) -> None:
             assert isinstance(line["stderr_tail"], str)
         assert elapsed < 5.0
         assert worker.wait(10) == 1
-        assert gone_within(pids, 2.0) == []
+        assert alive_after(pids, 2.0) == []
         assert "rank 1" in worker.stderr_text
 
 
@@ -359,7 +330,7 @@ def test_sigkill_of_rank_0_ends_rank_1(tiny_model: Path) -> None:
         assert worker.read()["type"] == "token"
         worker.proc.kill()
         worker.wait(10)
-        assert gone_within(pids, 2.0) == []
+        assert alive_after(pids, 2.0) == []
 
 
 def test_a_rank_that_dies_while_idle_ends_the_worker(tiny_model: Path) -> None:
@@ -367,7 +338,7 @@ def test_a_rank_that_dies_while_idle_ends_the_worker(tiny_model: Path) -> None:
         pids = rank_pids(worker)
         os.kill(pids[1], signal.SIGTERM)
         assert worker.wait(10) == 1
-        assert gone_within(pids, 2.0) == []
+        assert alive_after(pids, 2.0) == []
         assert "rank 1" in worker.stderr_text and "SIGTERM" in worker.stderr_text
 
 

@@ -9,30 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from supervisor import AsyncWorker, Worker, WorkerCrashed
+from tests.harness import alive_after
 from tests.supervisor.conftest import ENV, ROOT
 
 pytestmark = pytest.mark.timeout(120)
 
 SHARDED = (sys.executable, "-P", "-m", "bridge", "--ranks", "2", "--backend", "ring")
-
-
-def other_ranks(info_ranks: list[int], own: int) -> list[int]:
-    return [pid for pid in info_ranks if pid != own]
-
-
-def alive(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def test_a_dead_rank_fails_the_stream_with_its_rank(tiny_model: Path) -> None:
@@ -52,10 +37,7 @@ def test_a_dead_rank_fails_the_stream_with_its_rank(tiny_model: Path) -> None:
         error = caught.value
         assert error.rank == 1 and error.exit_code == -9 and error.signal == 9
         assert "rank 1" in str(error) and "SIGKILL" in str(error)
-        deadline = time.monotonic() + 5
-        while alive([rank1]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert alive([rank1]) == []
+        assert alive_after([rank1], 5) == []
 
 
 def test_the_async_twin_and_close_end_every_rank(tiny_model: Path) -> None:
@@ -73,7 +55,4 @@ def test_the_async_twin_and_close_end_every_rank(tiny_model: Path) -> None:
         return pids
 
     pids = asyncio.run(main())
-    deadline = time.monotonic() + 5
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert alive(pids) == []
+    assert alive_after(pids, 5) == []
