@@ -9,13 +9,15 @@ logits processor (:class:`ConstraintProcessor`), so a constrained request
 and unconstrained ones decode in the same batch.
 
 The mask is llguidance's bitmask (one bit per token), filled through its
-numpy API and applied with plain MLX ops (``mx.where``): llguidance's own
-MLX helper, like outlines' and mlx-vlm's, is a Metal kernel, which MLX's CPU
-and CUDA builds do not have. The processor reads the token the matcher must
-consume (the step's input, sampled by the step before) before the step's
-forward pass is queued: reading it after would wait for that pass too (the
-device runs its queue in order), which on an H200 cost more than the
-forward pass itself at 8 rows (docs/benchmarks.md).
+numpy API, unpacked and applied on the device with plain MLX ops
+(:func:`masked`): llguidance's own MLX helper, like outlines' and mlx-vlm's,
+is a Metal kernel, which MLX's CPU and CUDA builds do not have. The mask is
+filled while the device computes the step's forward pass: the processor
+queues the input token it must consume (sampled by the step before), then
+the forward pass, and only then waits for the token. In the decode batch a
+row's processor runs for its first step only and then hands its matcher to
+the batch's mask (:mod:`bridge.engines.text.batch_mask`), which fills every
+row's in one call.
 
 When the grammar is complete, the mask leaves only the end-of-sequence
 token, so a constrained answer ends with ``finish_reason: stop``; cut off by
@@ -152,50 +154,71 @@ class ConstraintProcessor:
     (``context``; ``offset`` more are in the KV cache before it, on the
     lane that passes only what it feeds). The tokens past the prompt are the
     answer: the matcher consumes those it has not seen, or rolls back those
-    a lane move took away, then masks the logits."""
+    a lane move took away, then masks the logits.
+
+    ``hand_over``, set on the batch lane, is called after the call that
+    masked the row's first token in the batch: from then on the batch's
+    mask advances :attr:`matcher` (through :meth:`consume`) and masks the
+    row, until the row leaves the batch."""
 
     def __init__(self, compiled: Compiled, prompt_tokens: int) -> None:
         import llguidance.numpy as lln
         from llguidance import LLMatcher
 
-        self._matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
+        self.matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
+        self.vocab = compiled.vocab
         self._prompt = prompt_tokens
         self._consumed = 0
-        self._vocab = compiled.vocab
         self._bitmask = lln.allocate_token_bitmask(1, compiled.vocab)
         self._fill = lln.fill_next_token_bitmask
         self._broken = False
         self.offset = 0
-        # On BatchGenerator's lane: this sequence's input token of the step,
-        # read with every other row's in one go (bridge.engines.text.decoder).
-        self.peek: Callable[[], int | None] | None = None
+        self.hand_over: Callable[[ConstraintProcessor], None] | None = None
+
+    def consume(self, tokens: list[int]) -> None:
+        """The answer's next ``tokens``, as the sequence was given them."""
+        if not self.matcher.is_stopped() and not self.matcher.consume_tokens(tokens):
+            if not self._broken:
+                # cannot happen with the mask applied; end the answer rather than the batch
+                log.error("grammar: %s; ending the answer", self.matcher.get_error())
+                self._broken = True
+        # once the grammar is complete (stopped), what follows is the end
+        self._consumed += len(tokens)
 
     def __call__(self, context: Any, logits: Any) -> Any:
         import mlx.core as mx
-        import numpy as np
 
         answer = self.offset + int(context.shape[0]) - self._prompt
-        if answer > self._consumed and self._matcher.is_stopped():
-            self._consumed = answer  # the grammar is complete: what follows is the end
-        elif answer > self._consumed:
-            peeked = self.peek() if self.peek is not None and answer == self._consumed + 1 else None
-            # Otherwise read before anything of this step is queued: the token was
-            # sampled by the step before, so this waits for that step alone.
-            new: list[int] = (
-                [peeked] if peeked is not None else context[-(answer - self._consumed) :].tolist()
-            )
-            if not self._matcher.consume_tokens(new) and not self._broken:
-                # cannot happen with the mask applied; end the answer rather than the batch
-                log.error("grammar: %s; ending the answer", self._matcher.get_error())
-                self._broken = True
-            self._consumed = answer
+        if answer > self._consumed:
+            new = context[-(answer - self._consumed) :]
+            # queued ahead of the forward pass, so that reading it waits for the step before
+            mx.async_eval(new)  # type: ignore[no-untyped-call]
+            # the device computes this step while the mask is filled
+            mx.async_eval(logits)  # type: ignore[no-untyped-call]
+            self.consume(new.tolist())
         elif answer < self._consumed:  # a lane move fed a token again
-            self._matcher.rollback(self._consumed - answer)
+            self.matcher.rollback(self._consumed - answer)
             self._consumed = answer
-        self._fill(self._matcher, self._bitmask, 0)  # an error state leaves only EOS
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        allowed = mx.array(bits[: logits.shape[-1]].view(np.bool_))
-        return mx.where(allowed, logits, -mx.inf)
+        self._fill(self.matcher, self._bitmask, 0)  # an error state leaves only EOS
+        out = masked(logits, self._bitmask)
+        if self.hand_over is not None:
+            hand_over, self.hand_over = self.hand_over, None
+            hand_over(self)
+        return out
+
+
+def masked(logits: Any, bitmask: Any) -> Any:
+    """``logits`` (rows, …, vocab) with every token a row's bitmask
+    (rows, words; llguidance's, one bit per token, little-endian) leaves out
+    set to -inf, on the device: only the bitmask is uploaded."""
+    import mlx.core as mx
+
+    bits = mx.array(bitmask)
+    rows, words = bits.shape
+    unpacked = mx.right_shift(bits[:, :, None], mx.arange(32, dtype=mx.int32)) & 1
+    allowed = unpacked.reshape(rows, words * 32)[:, : logits.shape[-1]].astype(mx.bool_)
+    shape = (rows,) + (1,) * (logits.ndim - 2) + (allowed.shape[-1],)
+    return mx.where(allowed.reshape(shape), logits, -mx.inf)
 
 
 def _short(text: str, limit: int = 500) -> str:

@@ -50,10 +50,16 @@ def test_prefill_progress_stays_monotonic_when_a_prefilling_solo_moves_to_the_ba
     assert dones[-1] == next(iter(totals)), progress
 
 
-def test_constrained_rows_read_their_input_tokens_in_one_go(engine: MlxLmEngine) -> None:
-    """In the batch, a constrained row takes its input token from the step's
-    input array (StepInputs: one read for every row), not from its own
-    context; this fails if mlx-lm's GenerationBatch stops exposing it."""
+def test_constrained_rows_are_masked_by_the_batch_after_their_first_step(
+    engine: MlxLmEngine,
+) -> None:
+    """In the batch, a constrained row's processor masks its first token and
+    hands the row to the batch's mask (BatchMasks), which masks every
+    handed-over row in one op; its processor leaves the row's list, so that
+    mlx-lm stops splitting the batch into rows. This fails if mlx-lm's
+    GenerationBatch stops exposing what BatchMasks finds it by."""
+    import json
+
     from bridge.engines.constraints import Compiled, ConstraintProcessor
     from protocol.requests import OutputConstraint
 
@@ -67,23 +73,36 @@ def test_constrained_rows_read_their_input_tokens_in_one_go(engine: MlxLmEngine)
             self.made.append(made)
             return made
 
-    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}'
+    schema = (
+        '{"type": "object", "properties": {"n": {"type": "integer"}, '
+        '"s": {"type": "string", "maxLength": 6}}, "required": ["n", "s"]}'
+    )
     output = OutputConstraint(kind="json_schema", source=schema, field="response_format")
     recording = Recording(engine.compile_constraint(output))
     decoder = engine.decoder()
-    for seq in range(2):
+    for seq in range(3):
         prepared = engine.prepare(
-            Generate(id=seq, prompt=f"x{seq}", sampling=Sampling(max_tokens=12))
+            Generate(id=seq, prompt=f"x{seq}", sampling=Sampling(max_tokens=40))
         )
-        decoder.add(
-            seq,
-            replace(prepared, output=output, constraint=recording),
-            should_abort=_never,
-        )
-    peeked: list[int | None] = []
-    for _ in range(6):
-        peeked.extend(p.peek() for p in recording.made if p.peek is not None)
-        decoder.step()
+        if seq < 2:
+            prepared = replace(prepared, output=output, constraint=recording)
+        decoder.add(seq, prepared, should_abort=_never)
+    texts: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished: dict[int, str | None] = {}
+    handed: set[int] = set()
+    for _ in range(60):
+        for event in decoder.step():
+            if isinstance(event, Decoded):
+                texts[event.seq] += event.step.text
+                if event.step.finish_reason is not None:
+                    finished[event.seq] = event.step.finish_reason
+        handed |= decoder.batch_masks.handed_over
+        if len(finished) == 3:
+            break
     decoder.close()
     assert len(recording.made) == 2
-    assert any(value is not None for value in peeked), peeked
+    assert len(handed) == 2, handed  # both constrained rows, the plain one never
+    for seq in (0, 1):
+        if finished.get(seq) == "stop":
+            assert set(json.loads(texts[seq])) == {"n", "s"}, texts[seq]
+    assert not decoder.batch_masks.handed_over  # every row dropped as it ended

@@ -31,15 +31,19 @@ its slot when added (the cache goes into ``insert(caches=…)``) and puts the
 cache back when it ends, however it ends (from the finishing response, or
 ``remove(…, return_prompt_caches=True)``).
 
+An output grammar's processor masks a row itself on the solo lane and for
+the row's first step in the batch; after that the batch's one mask does
+(:mod:`bridge.engines.text.batch_mask`, through the model the
+``BatchGenerator`` calls).
+
 Engine thread only. MLX and mlx-lm are imported lazily.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bridge.engines.detokenizer import IncrementalDetokenizer, for_tokenizer
@@ -54,6 +58,7 @@ from bridge.engines.engine_protocol import (
     Step,
 )
 from bridge.engines.mlx.sampling import SequenceSampling, make_sequence_sampling, step_logprobs
+from bridge.engines.text.batch_mask import BatchMasks, MaskedModel
 from bridge.engines.text.prompt_cache import KVCache, PromptCacheStore
 
 if TYPE_CHECKING:
@@ -124,7 +129,7 @@ class TextDecoder:
         self._solo: SeqId | None = None
         self._batch: BatchGenerator | None = None
         self._by_uid: dict[int, SeqId] = {}
-        self._inputs = StepInputs(lambda: self._batch)
+        self._masks = BatchMasks(lambda: self._batch)
 
     # -- Decoder --------------------------------------------------------------------
 
@@ -135,6 +140,11 @@ class TextDecoder:
     @property
     def kv(self) -> KvShape:
         return self._kv
+
+    @property
+    def batch_masks(self) -> BatchMasks:
+        """The decode batch's output-grammar mask (bridge.engines.text.batch_mask)."""
+        return self._masks
 
     def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
         prompt = prepared.tokens
@@ -172,6 +182,7 @@ class TextDecoder:
             self._keep(state, state.fed, state.cache)
         elif state.uid is not None and self._batch is not None:
             self._by_uid.pop(state.uid, None)
+            self._masks.drop(state.uid, state.sampling.constraint)
             found = self._batch.remove([state.uid], return_prompt_caches=True)
             cache, tokens = found.get(state.uid, (None, None))
             if cache is not None and tokens is not None:
@@ -300,7 +311,7 @@ class TextDecoder:
             from mlx_lm.generate import BatchGenerator
 
             self._batch = BatchGenerator(
-                self._model,
+                MaskedModel(self._model, self._masks),
                 stop_tokens=[[t] for t in sorted(self._eos)],
                 completion_batch_size=self._capacity,
                 prefill_batch_size=self._prefill_batch,
@@ -339,7 +350,7 @@ class TextDecoder:
         state.pending = []
         self._by_uid[uid] = seq
         if sampling.constraint is not None:
-            sampling.constraint.peek = partial(self._inputs.token, uid)
+            self._masks.enlist(uid, sampling.constraint)
 
     def _maybe_solo(self) -> None:
         """One sequence left in the batch, decoding: give it the solo lane."""
@@ -353,13 +364,12 @@ class TextDecoder:
 
         found = self._batch.remove([uid], return_prompt_caches=True)
         del self._by_uid[uid]
+        self._masks.drop(uid, state.sampling.constraint)
         cache, tokens = found[uid]
         trim_prompt_cache(cache, 1)
         state.uid = None
         state.cache = cache
         state.fed = list(tokens[:-1])
-        if state.sampling.constraint is not None:
-            state.sampling.constraint.peek = None
         state.steps = self._start_steps(state, [state.last_token])
         state.fed.append(state.last_token)
         self._solo = seq
@@ -384,6 +394,7 @@ class TextDecoder:
             events.append(Decoded(seq=seq, step=self._step(state, r.token, r.logprobs, finish)))
             if finish is not None:
                 del by_uid[r.uid]
+                self._masks.drop(r.uid, state.sampling.constraint)
                 self._seqs.pop(seq, None)
                 if r.prompt_cache is not None and r.all_tokens is not None:
                     self._keep(state, r.all_tokens, r.prompt_cache)
@@ -428,37 +439,6 @@ class TextDecoder:
             self._caches.put(state.cache_key, tokens, cache)
         except Exception:  # losing a warm cache must not fail the request
             log.exception("prompt cache: could not keep slot %r", state.cache_key)
-
-
-class StepInputs:
-    """The tokens ``BatchGenerator``'s current step feeds, by sequence uid.
-
-    A constrained row must know its input token (sampled by the step
-    before) to mask its logits. Reading it from the row's own context
-    queues a new op and waits for it: about 0.5 ms a row a step on an H200.
-    The step's input array itself is already queued, so one read of it
-    serves every row. It is found through mlx-lm's ``GenerationBatch``
-    (``_current_tokens``, ``uids``), which is not public: without them,
-    ``token`` answers None and each row reads its context instead."""
-
-    def __init__(self, generator: Callable[[], BatchGenerator | None]) -> None:
-        self._generator = generator
-        self._array: Any = None
-        self._values: dict[int, int] = {}
-
-    def token(self, uid: int) -> int | None:
-        batch = getattr(self._generator(), "_generation_batch", None)
-        current = getattr(batch, "_current_tokens", None)
-        uids = getattr(batch, "uids", None)
-        if current is None or uids is None:
-            return None
-        if current is not self._array:
-            values = current.tolist()
-            if not isinstance(values, list) or len(values) != len(uids):
-                return None
-            self._array = current
-            self._values = dict(zip(uids, values, strict=True))
-        return self._values.get(uid)
 
 
 def _aligned(cache: KVCache, tokens: int) -> int:
