@@ -10,9 +10,9 @@ and thread-safe.
 Generations run through the loaded model's :class:`Decoder`: the scheduler
 (:mod:`bridge.loop.scheduler`) admits sequences into it, steps it (one
 decode step for every decoding sequence, at most one prefill chunk), routes
-each :data:`Event` to its request and removes what ended. An engine that
-decodes one sequence at a time wraps its pull generator in
-:class:`bridge.engines.solo.SoloDecoder`.
+each :data:`Event` to its request and removes what ended. The text engine's
+is :class:`bridge.engines.text.decoder.TextDecoder`, the vision engine's
+:class:`bridge.engines.vision.batch.VisionDecoder`.
 """
 
 from __future__ import annotations

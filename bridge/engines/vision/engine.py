@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimits
 from bridge.engines.detokenizer import for_tokenizer
 from bridge.engines.engine_protocol import (
-    Decoder,
+    DEFAULT_MAX_CONCURRENCY,
     LoadStep,
     Prepared,
     ReportLoad,
@@ -53,7 +53,6 @@ from bridge.engines.mlx.sampling import (
     step_logprobs,
 )
 from bridge.engines.prompt_tokens import encode_prompt
-from bridge.engines.solo import SoloDecoder
 from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
 from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_BYTES,
@@ -68,6 +67,7 @@ from bridge.engines.tool_calls import (
     template_fields,
     tool_format_for,
 )
+from bridge.engines.vision.batch import VisionDecoder
 from bridge.engines.vision.images import ImagePolicy, image_parts, load_images
 from bridge.model_dir.files import ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
@@ -167,7 +167,10 @@ class MlxVlmEngine:
         max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
         prompt_cache_entries: int = DEFAULT_MAX_ENTRIES,
         prompt_cache_bytes: int = DEFAULT_MAX_BYTES,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
+        """``max_concurrency``: sequences decoded at once (bridge.engines.vision.batch)."""
+        self._max_concurrency = max_concurrency
         self._caches = PromptCacheStore(
             max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes
         )
@@ -281,9 +284,21 @@ class MlxVlmEngine:
             case Chat():
                 return self._prepare_chat(loaded, request, limits, sampling)
 
-    def decoder(self) -> Decoder:
-        """One vision sequence at a time (mlx-vlm's batch generator is not used yet)."""
-        return SoloDecoder(self.generate, _peak_memory)
+    def decoder(self) -> VisionDecoder:
+        """Vision sequences decoded together (:mod:`bridge.engines.vision.batch`)."""
+        loaded = self._loaded
+        if loaded is None:
+            raise NoModel("no model loaded")
+        return VisionDecoder(
+            self.generate,
+            model=loaded.model,
+            processor=loaded.processor,
+            tokenizer=_tokenizer(loaded.processor),
+            embed=partial(_row_kwargs, loaded.model),
+            capacity=self._max_concurrency,
+            prefill_step_size=self._prefill_step_size,
+            peak_memory=_peak_memory,
+        )
 
     def generate(
         self, prepared: Prepared, should_abort: ShouldAbort
@@ -323,10 +338,7 @@ class MlxVlmEngine:
         s = prepared.sampling
         sampling = make_sequence_sampling(s)
         sampler, processors = sampling.sampler, sampling.processors
-        if isinstance(prepared, VisionPrepared):
-            pixel_values, mask, extra = prepared.pixel_values, prepared.mask, dict(prepared.extra)
-        else:
-            pixel_values, mask, extra = None, None, {}
+        pixel_values, mask, extra = _images_of(prepared)
         cached = reuse.cached
         feed = list(prepared.tokens[cached:])
         if cached:  # the images are in the cache already: feed the text after them
@@ -644,6 +656,35 @@ def _tool_tokenizer(directory: Any, *, trust: bool) -> Any:
     except Exception as exc:  # tools then come back as text, as for a model without a format
         log.warning("no tool-call format for this vision model: %s: %s", type(exc).__name__, exc)
         return None
+
+
+def _images_of(prepared: Prepared) -> tuple[Any, Any, dict[str, Any]]:
+    """The pixel tensors, their mask and the model's other image arguments
+    (none for a text-only request)."""
+    if isinstance(prepared, VisionPrepared):
+        return prepared.pixel_values, prepared.mask, dict(prepared.extra)
+    return None, None, {}
+
+
+def _row_kwargs(model: nn.Module, prepared: Prepared) -> dict[str, Any] | None:
+    """``prepared``'s row for mlx-vlm's batch: the prompt's input embeddings
+    (the vision tower run over its images) and its position state, as
+    mlx-vlm's own ``batch_generate`` builds them; None if the model cannot."""
+    import mlx.core as mx
+
+    pixel_values, mask, extra = _images_of(prepared)
+    embed = getattr(model, "get_input_embeddings", None)
+    if embed is None or not hasattr(model, "language_model"):
+        return None
+    try:
+        found = embed(mx.array([list(prepared.tokens)]), pixel_values, mask=mask, **extra)
+        fields = found.to_dict() if hasattr(found, "to_dict") else {"inputs_embeds": found}
+    except Exception:  # a family mlx-vlm's batch does not serve: the solo lane does
+        log.exception("vision batch: no input embeddings; the request runs alone")
+        return None
+    if fields.get("inputs_embeds") is None:
+        return None
+    return {**extra, **{k: v for k, v in fields.items() if v is not None}}
 
 
 def _peak_memory() -> int:

@@ -96,6 +96,7 @@ def routing_engine(
             max_prompt_tokens=args.max_prompt_tokens or None,
             prompt_cache_entries=args.prompt_cache_entries,
             prompt_cache_bytes=args.prompt_cache_bytes,
+            max_concurrency=args.max_concurrency,
         )
 
     return RoutingEngine(

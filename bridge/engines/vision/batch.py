@@ -1,0 +1,274 @@
+"""Vision sequences decoded together: mlx-vlm's ``BatchGenerator`` beside one-at-a-time lanes.
+
+A :class:`VisionDecoder` has two kinds of lane:
+
+- **solo**: the engine's own ``generate`` (mlx-vlm's ``generate_step``, the
+  prompt cache, per-request sampling and logprobs). A request that arrives
+  while nothing else runs takes it, so one stream keeps its speed and its
+  cache. So does a request the batch cannot take; several solo lanes are
+  stepped in turn, one token each per step, so none waits for another to
+  finish.
+- **batch**: mlx-vlm's ``BatchGenerator`` over the language model, fed the
+  request's input embeddings (the vision tower runs once, when the request is
+  added) and its position state (``position_ids``, ``rope_deltas``), so rows
+  with and without images decode together; greedy output equals the solo
+  lane's (``tests/bridge/test_vision_batch.py``). It has one sampler for all
+  rows, so a request joins it only when its sampling is the batch's (same
+  temperature, top-p, min-p and top-k, and no seed, logprobs, repetition
+  penalty or logit bias, which the solo lane keeps exact); its rows read and
+  keep no prompt cache (``cached_tokens`` 0).
+
+A request never moves between lanes (mlx-vlm's batch takes no KV cache in),
+so the first of a burst runs solo to its end while the others batch.
+
+mlx-vlm's language models keep a sequence's position state on the model
+(Qwen2-VL's ``_rope_deltas``, its multimodal position offset, read at every
+decode step of ``generate_step``). The batch passes its rows' own at every
+step, but a solo lane relies on the model's, which another lane's step
+overwrites: so each solo lane's state (:data:`POSITION_STATE`) is put back
+on the model before its step and kept after it.
+
+Engine thread only. MLX and mlx-vlm are imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bridge.engines.detokenizer import IncrementalDetokenizer, for_tokenizer
+from bridge.engines.engine_protocol import (
+    Decoded,
+    Event,
+    KvShape,
+    Prepared,
+    SeqId,
+    ShouldAbort,
+    Step,
+)
+from bridge.engines.mlx.sampling import make_sequence_sampling
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+log = logging.getLogger("bridge.engine.vision.batch")
+
+# The attributes in which mlx-vlm's language models keep a sequence's
+# positions between calls (found in mlx-vlm 0.7.10's models).
+POSITION_STATE = ("_rope_deltas", "_position_ids", "_position_selector", "_rope_delta")
+
+Generate = Callable[[Prepared, ShouldAbort], tuple[int, Generator[Step, None, None]]]
+"""The solo lane: the prompt tokens the prompt cache held, and a generator
+that yields steps until finished; it checks ``should_abort`` between prefill
+chunks and returns early (without a last step) when it says so; closing it
+stops decoding."""
+
+Embed = Callable[[Prepared], dict[str, Any] | None]
+"""A request's row arguments for mlx-vlm's batch prefill, or None if the
+model cannot give them (the request then runs solo)."""
+
+
+def batch_key(prepared: Prepared) -> Hashable | None:
+    """The sampling a request needs of a shared batch sampler, or None if
+    only the solo lane serves it exactly."""
+    s = prepared.sampling
+    if s.logprobs or s.logit_bias or s.repetition_penalty:
+        return None
+    if s.temperature > 0 and s.seed is not None:
+        return None  # a seeded request draws its own keys (SeededSampler)
+    if s.temperature <= 0:
+        return ("greedy",)
+    return (s.temperature, s.top_p, s.min_p, s.top_k)
+
+
+@dataclass(eq=False, slots=True)
+class _Row:
+    seq: SeqId
+    text: IncrementalDetokenizer
+    max_tokens: int
+    emitted: int = 0
+
+
+class VisionDecoder:
+    def __init__(
+        self,
+        generate: Generate,
+        *,
+        model: nn.Module,
+        processor: Any,
+        tokenizer: Any,
+        embed: Embed,
+        capacity: int,
+        prefill_step_size: int,
+        peak_memory: Callable[[], int],
+    ) -> None:
+        """``generate``: the solo lane (the engine's); ``embed``: the row
+        arguments of a request for mlx-vlm's batch (``inputs_embeds`` and the
+        position state)."""
+        self._generate = generate
+        self._model = model
+        self._processor = processor
+        self._tokenizer = tokenizer
+        self._embed = embed
+        self._capacity = max(1, capacity)
+        self._prefill_step = prefill_step_size
+        self._peak_memory = peak_memory
+        self._solo: dict[SeqId, Generator[Step, None, None]] = {}
+        self._batch: Any = None  # mlx_vlm's BatchGenerator, while it has rows
+        self._batch_key: Hashable | None = None
+        self._rows: dict[int, _Row] = {}  # by uid
+        self._uids: dict[SeqId, int] = {}
+        self._lm = getattr(model, "language_model", model)
+        self._state_names = [n for n in POSITION_STATE if hasattr(self._lm, n)]
+        self._states: dict[SeqId, dict[str, Any]] = {}  # each solo lane's, between its steps
+
+    # -- Decoder --------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def kv(self) -> KvShape:
+        return KvShape()
+
+    def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
+        key = batch_key(prepared)
+        busy = bool(self._solo or self._rows)
+        if busy and key is not None and (self._batch is None or key == self._batch_key):
+            row_kwargs = self._embed(prepared)
+            if row_kwargs is not None:
+                self._to_batch(seq, prepared, key, row_kwargs)
+                return 0
+        cached, steps = self._generate(prepared, should_abort)
+        self._solo[seq] = steps
+        return cached
+
+    def remove(self, seq: SeqId) -> None:
+        steps = self._solo.pop(seq, None)
+        if steps is not None:
+            self._states.pop(seq, None)
+            steps.close()
+            return
+        uid = self._uids.pop(seq, None)
+        if uid is not None and self._batch is not None:
+            self._rows.pop(uid, None)
+            self._batch.remove(uid)
+            self._release_if_empty()
+
+    def step(self) -> Sequence[Event]:
+        events: list[Event] = []
+        for seq, steps in list(self._solo.items()):
+            self._enter(seq)
+            try:
+                step = next(steps)
+            except StopIteration:  # aborted in prefill: the request was cancelled
+                self._solo.pop(seq, None)
+                self._states.pop(seq, None)
+                events.append(Decoded(seq=seq, step=ABORTED))
+                continue
+            if step.finish_reason is not None:
+                self._solo.pop(seq, None)
+                self._states.pop(seq, None)
+                steps.close()
+            else:
+                self._leave(seq)
+            events.append(Decoded(seq=seq, step=step))
+        if self._batch is not None and self._rows:
+            events.extend(self._batch_step())
+        return events
+
+    def peak_memory(self) -> int:
+        return self._peak_memory()
+
+    def lane(self, seq: SeqId) -> str | None:
+        """Where ``seq`` runs: ``solo``, ``batch``, or None (not here)."""
+        if seq in self._solo:
+            return "solo"
+        return "batch" if seq in self._uids else None
+
+    def close(self) -> None:
+        for seq in list(self._solo):
+            self.remove(seq)
+        self._rows.clear()
+        self._uids.clear()
+        self._states.clear()
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    # -- the solo lanes ---------------------------------------------------------------
+
+    def _enter(self, seq: SeqId) -> None:
+        """Put ``seq``'s position state on the model (none yet: a fresh one)."""
+        state = self._states.get(seq)
+        for name in self._state_names:
+            setattr(self._lm, name, None if state is None else state[name])
+
+    def _leave(self, seq: SeqId) -> None:
+        self._states[seq] = {name: getattr(self._lm, name, None) for name in self._state_names}
+
+    # -- the batch lane ---------------------------------------------------------------
+
+    def _to_batch(
+        self, seq: SeqId, prepared: Prepared, key: Hashable, row_kwargs: dict[str, Any]
+    ) -> None:
+        if self._batch is None:
+            from mlx_vlm.generate.ar import BatchGenerator
+
+            sampling = make_sequence_sampling(prepared.sampling)
+            prefill = min(8, self._capacity)
+            self._batch = BatchGenerator(
+                self._model.language_model,
+                self._processor,
+                sampler=sampling.sampler if prepared.sampling.temperature > 0 else None,
+                # mlx-vlm admits waiting rows only while ``prefill`` more would fit
+                # under this; the scheduler already keeps the rows within capacity
+                completion_batch_size=self._capacity + prefill - 1,
+                prefill_batch_size=prefill,
+                prefill_step_size=self._prefill_step,
+                compute_logprobs=False,
+            )
+            self._batch_key = key
+        max_tokens = prepared.sampling.max_tokens
+        (uid,) = self._batch.insert(
+            [list(prepared.tokens)], max_tokens=[max_tokens], prompt_kwargs=[row_kwargs]
+        )
+        self._rows[uid] = _Row(seq=seq, text=for_tokenizer(self._tokenizer), max_tokens=max_tokens)
+        self._uids[seq] = uid
+
+    def _batch_step(self) -> list[Event]:
+        _, responses = self._batch.next()
+        events: list[Event] = []
+        for r in responses:
+            row = self._rows.get(r.uid)
+            if row is None:
+                continue
+            row.emitted += 1
+            finish = r.finish_reason
+            if finish is None and row.emitted >= row.max_tokens:
+                finish = "length"  # mlx-vlm counts the same way; never left running
+                self._batch.remove(r.uid)
+            eos = finish == "stop"
+            piece = "" if eos else row.text.add(int(r.token))
+            if finish is not None:
+                piece += row.text.finish()
+                del self._rows[r.uid]
+                self._uids.pop(row.seq, None)
+            step = Step(text=piece, token_id=int(r.token), is_eos=eos, finish_reason=finish)
+            events.append(Decoded(seq=row.seq, step=step))
+        self._release_if_empty()
+        return events
+
+    def _release_if_empty(self) -> None:
+        """An empty batch is let go, so that the next one may take another sampler."""
+        if self._batch is not None and not self._rows:
+            self._batch.close()
+            self._batch = None
+            self._batch_key = None
+
+
+# What a generator that stopped without a last step ended with.
+ABORTED = Step(text="", token_id=-1, is_eos=True, finish_reason="cancelled")

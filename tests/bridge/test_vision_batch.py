@@ -1,0 +1,237 @@
+"""Vision requests decoded together: mlx-vlm's BatchGenerator beside solo lanes.
+
+The first request of a burst runs on the solo lane (the engine's own
+``generate_step``, with the prompt cache); the others join mlx-vlm's batch
+when their sampling is the batch's, or run on solo lanes of their own,
+stepped in turn. Greedy output is the same whatever lane a request takes,
+with and without images.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.engines.engine_protocol import Decoded, Prepared
+from protocol.requests import Chat, Load, parse_request
+from tests.bridge.test_vision import tiny_vlm as tiny_vlm  # the session fixture
+from tests.harness import WorkerProcess, token_ids
+
+pytest.importorskip("PIL")
+
+COLOURS = ("red", "green", "blue", None)
+
+
+def png(color: str) -> str:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def messages(i: int, colour: str | None) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": f"What is this, {i}?"}]
+    if colour is not None:
+        content.append({"type": "image_url", "image_url": {"url": png(colour)}})
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_vlm: Path) -> Iterator[Any]:
+    from bridge.engines.vision.engine import MlxVlmEngine
+
+    engine = MlxVlmEngine(prompt_cache_entries=0)  # every request cold, as in a batch
+    engine.warm_up()
+    engine.load(Load(path=str(tiny_vlm)))
+    yield engine
+    engine.unload()  # not close(): that ends this thread's MLX streams, which later tests use
+
+
+def prepare(engine: Any, i: int, colour: str | None, **fields: Any) -> Prepared:
+    request = parse_request(
+        {"cmd": "chat", "id": i, "messages": messages(i, colour), "max_tokens": 20, **fields}
+    )
+    assert isinstance(request, Chat)
+    prepared: Prepared = engine.prepare(request)
+    return prepared
+
+
+def alone(engine: Any, prepared: Prepared) -> list[int]:
+    _, steps = engine.generate(prepared, lambda: False)
+    return [s.token_id for s in steps]
+
+
+def together(engine: Any, prepared: list[Prepared]) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Every request added at once; the tokens and the lane each took."""
+    decoder = engine.decoder()
+    tokens: dict[int, list[int]] = {}
+    lanes: dict[int, str] = {}
+    for i, p in enumerate(prepared):
+        decoder.add(i, p, should_abort=lambda: False)
+        lanes[i] = decoder.lane(i)
+        tokens[i] = []
+    for _ in range(500):
+        events = decoder.step()
+        if not events:
+            break
+        for e in events:
+            if isinstance(e, Decoded):
+                tokens[int(e.seq)].append(e.step.token_id)
+    assert not decoder.lane(0) and not decoder.lane(len(prepared) - 1)  # every lane let go
+    decoder.close()
+    return tokens, lanes
+
+
+def test_requests_with_and_without_images_batch_and_answer_as_alone(engine: Any) -> None:
+    prepared = [prepare(engine, i, c) for i, c in enumerate(COLOURS)]
+    expected = [alone(engine, p) for p in prepared]
+    tokens, lanes = together(engine, prepared)
+    assert lanes == {0: "solo", 1: "batch", 2: "batch", 3: "batch"}
+    assert [tokens[i] for i in range(4)] == expected
+
+
+def test_requests_the_batch_cannot_take_run_on_solo_lanes_in_turn(engine: Any) -> None:
+    """logprobs (and a seed, a repetition penalty, a logit bias) keep a
+    request on a solo lane of its own; several are stepped in turn, each with
+    its own position state (Qwen2-VL keeps it on the model)."""
+    prepared = [prepare(engine, i, c, logprobs=2) for i, c in enumerate(COLOURS)]
+    expected = [alone(engine, p) for p in prepared]
+    tokens, lanes = together(engine, prepared)
+    assert set(lanes.values()) == {"solo"}
+    assert [tokens[i] for i in range(4)] == expected
+
+
+def test_another_sampler_runs_beside_the_batch(engine: Any) -> None:
+    greedy = [prepare(engine, i, c) for i, c in enumerate(COLOURS[:3])]
+    sampled = prepare(engine, 3, None, temperature=0.7)
+    tokens, lanes = together(engine, [*greedy, sampled])
+    assert lanes == {0: "solo", 1: "batch", 2: "batch", 3: "solo"}
+    assert len(tokens[3]) == 20
+    assert [tokens[i] for i in range(3)] == [alone(engine, p) for p in greedy]
+
+
+def test_a_batched_request_removed_midway_leaves_the_others(engine: Any) -> None:
+    prepared = [prepare(engine, i, c) for i, c in enumerate(COLOURS)]
+    expected = [alone(engine, p) for p in prepared]
+    decoder = engine.decoder()
+    tokens: dict[int, list[int]] = {i: [] for i in range(4)}
+    for i, p in enumerate(prepared):
+        decoder.add(i, p, should_abort=lambda: False)
+    for n in range(500):
+        if n == 6:
+            decoder.remove(2)  # in the batch, decoding
+            assert decoder.lane(2) is None
+        events = decoder.step()
+        if not events:
+            break
+        for e in events:
+            if isinstance(e, Decoded):
+                tokens[int(e.seq)].append(e.step.token_id)
+    decoder.close()
+    assert 0 < len(tokens[2]) < 20
+    assert [tokens[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+
+
+def test_length_and_stop_end_batched_rows(engine: Any) -> None:
+    """A row ends at max_tokens (length) or at EOS (stop, whose token is not
+    part of the answer), and its last step says so."""
+    prepared = [
+        replace(
+            prepare(engine, i, c),
+            sampling=replace(prepare(engine, i, c).sampling, max_tokens=3 + i),
+        )
+        for i, c in enumerate(COLOURS)
+    ]
+    decoder = engine.decoder()
+    finishes: dict[int, list[str | None]] = {i: [] for i in range(4)}
+    for i, p in enumerate(prepared):
+        decoder.add(i, p, should_abort=lambda: False)
+    while events := decoder.step():
+        for e in events:
+            if isinstance(e, Decoded):
+                finishes[int(e.seq)].append(e.step.finish_reason)
+    decoder.close()
+    for i in range(4):
+        assert finishes[i][-1] in ("length", "stop")
+        assert all(f is None for f in finishes[i][:-1])
+        if finishes[i][-1] == "length":
+            assert len(finishes[i]) == 3 + i
+
+
+# -- through a worker ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_vlm: Path) -> Iterator[WorkerProcess]:
+    with WorkerProcess("bridge", args=["--prompt-cache-entries", "0"]) as w:
+        assert w.call({"cmd": "load", "id": "l", "path": str(tiny_vlm)}, timeout=120)["vision"]
+        yield w
+
+
+def chat(rid: str, i: int, colour: str | None, max_tokens: int) -> dict[str, Any]:
+    return {"cmd": "chat", "id": rid, "messages": messages(i, colour), "max_tokens": max_tokens}
+
+
+def test_a_long_vision_answer_does_not_hold_the_others_back(worker: WorkerProcess) -> None:
+    """A runs long; B, C and D end while it still runs (it is cancelled
+    after them: had they waited for it, it would have ended by length)."""
+    alone_answers = {
+        rid: token_ids(worker.request(chat(rid, i, c, 12)))
+        for rid, (i, c) in zip("BCD", enumerate(COLOURS[1:], start=1), strict=True)
+    }
+    worker.send(chat("A", 0, "red", 3000))
+    for rid, (i, c) in zip("BCD", enumerate(COLOURS[1:], start=1), strict=True):
+        worker.send(chat(rid, i, c, 12))
+    lines: dict[object, list[dict[str, Any]]] = {rid: [] for rid in "ABCD"}
+    left = set("BCD")
+    while left:
+        line = worker.read(timeout=120)
+        lines[line["id"]].append(line)
+        if line["type"] not in ("token", "progress"):
+            left.discard(line["id"])
+    worker.send({"cmd": "cancel", "id": "A"})
+    lines["A"] += worker.read_until_terminal("A", timeout=120)
+    assert lines["A"][-1]["finish_reason"] == "cancelled", lines["A"][-1]
+    for rid in "BCD":
+        assert lines[rid][-1]["type"] == "done", lines[rid][-1]
+        assert token_ids(lines[rid]) == alone_answers[rid]
+    info = worker.call({"cmd": "info", "id": "i"})
+    assert info["batch"]["running"] == 0
+
+
+def test_a_request_joins_a_running_batch_at_a_small_capacity(tiny_vlm: Path) -> None:
+    """With --max-concurrency 3, a third request joins a batch of one that
+    is decoding (mlx-vlm admits rows only while a whole prefill batch fits
+    under its limit, which the decoder sets above the capacity)."""
+    from bridge.engines.vision.engine import MlxVlmEngine
+
+    small = MlxVlmEngine(prompt_cache_entries=0, max_concurrency=3)
+    small.load(Load(path=str(tiny_vlm)))
+    try:
+        prepared = [prepare(small, i, c) for i, c in enumerate(COLOURS[:3])]
+        expected = [alone(small, p) for p in prepared]
+        decoder = small.decoder()
+        tokens: dict[int, list[int]] = {i: [] for i in range(3)}
+        for i in range(2):
+            decoder.add(i, prepared[i], should_abort=lambda: False)
+        steps = 0
+        while events := decoder.step():
+            steps += 1
+            if steps == 5:
+                decoder.add(2, prepared[2], should_abort=lambda: False)
+                assert decoder.lane(2) == "batch"
+            for e in events:
+                if isinstance(e, Decoded):
+                    tokens[int(e.seq)].append(e.step.token_id)
+        decoder.close()
+        assert steps < 20 + 5 + 3  # the third did not wait for the others to end
+        assert [tokens[i] for i in range(3)] == expected
+    finally:
+        small.unload()
