@@ -53,34 +53,61 @@ VARIANT = "overlap"
 
 
 class TimedMasks(batch_mask.BatchMasks):
-    """The batch mask, timed, with two orderings to compare against its own
+    """The batch mask, timed, with other versions to compare against its own
     (``overlap``): ``read_first`` reads the step's input tokens before the
     forward pass is queued and queues pass, mask and sampling in one go;
-    ``serial`` queues the pass, then reads the tokens behind it."""
+    ``serial`` queues the pass, then reads the tokens behind it;
+    ``seq_fill`` fills the rows' bitmasks one by one (no llguidance
+    executor); ``const_mask`` uploads the bitmask once and applies that one
+    at every step, and ``no_mask`` applies none (both for timing only: their
+    answers do not follow the grammar)."""
 
     def apply(self, x: Any, logits: Any, rows: Any) -> Any:
+        import mlx.core as mx
+
         t0 = time.perf_counter()
-        if VARIANT == "overlap":
+        vocab = logits.shape[-1]
+        if VARIANT in ("overlap", "seq_fill"):
             out = super().apply(x, logits, rows)
         elif VARIANT == "read_first":
-            out = constraints.masked(logits, self.advance(READ[0], rows, logits.shape[-1]))
-        else:
-            import mlx.core as mx
-
+            out = constraints.masked(logits, self.advance(READ[0], rows, vocab))
+        elif VARIANT == "serial":
             mx.async_eval(logits)  # type: ignore[no-untyped-call]
-            bitmask = self.advance(x.reshape(-1, 1).tolist(), rows, logits.shape[-1])
-            out = constraints.masked(logits, bitmask)
+            out = constraints.masked(logits, self.advance(x.reshape(-1, 1).tolist(), rows, vocab))
+        else:
+            mx.async_eval(logits)  # type: ignore[no-untyped-call]
+            bitmask = self.advance(x.tolist(), rows, vocab)
+            if VARIANT == "no_mask":
+                out = logits
+            else:
+                if CONST[0] is None or CONST[0].shape != bitmask.shape:
+                    CONST[0] = mx.array(bitmask)
+                out = constraints.masked(logits, CONST[0])
         TIMES.setdefault("batch_mask", []).append(time.perf_counter() - t0)
         return out
 
+    def advance(self, tokens: Any, rows: Any, vocab: int) -> Any:
+        if VARIANT != "seq_fill":
+            return super().advance(tokens, rows, vocab)
+        import llguidance.numpy as lln
+        import numpy as np
 
+        for i, c in rows:
+            c.consume(tokens[i])
+        bitmask = np.full(lln.get_bitmask_shape(len(tokens), vocab), -1, np.int32)
+        for i, c in rows:
+            lln.fill_next_token_bitmask(c.matcher, bitmask, i)
+        return bitmask
+
+
+CONST: list[Any] = [None]
 READ: list[Any] = [None]
 
 
 class VariantModel(batch_mask.MaskedModel):
     def __call__(self, x: Any, cache: Any = None, **kwargs: Any) -> Any:
         rows = self._masks.rows(x, cache)
-        if not rows or VARIANT == "overlap":
+        if not rows or VARIANT not in ("read_first", "serial"):
             return super().__call__(x, cache, **kwargs)
         if VARIANT == "read_first":
             READ[0] = x.tolist()
@@ -124,7 +151,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="cProfile the last round (stderr)")
-    p.add_argument("--variants", default="", help="also: read_first,serial (TimedMasks)")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="also any of: read_first,serial,seq_fill,const_mask,no_mask (TimedMasks)",
+    )
     args = p.parse_args()
 
     def timed(self: constraints.Compiled, prompt: int) -> Timed:
