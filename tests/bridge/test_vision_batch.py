@@ -235,3 +235,26 @@ def test_a_request_joins_a_running_batch_at_a_small_capacity(tiny_vlm: Path) -> 
         assert [tokens[i] for i in range(3)] == expected
     finally:
         small.unload()
+
+
+def test_vision_requests_are_admitted_against_the_kv_budget(tiny_vlm: Path) -> None:
+    """The fixture's language model caches 512 bytes a token (2 layers x 2 KV
+    heads x 16 x 2 x float32): with room for one 600-token row, two requests
+    of about 500 run one after the other, and one that can never fit is
+    refused before it starts."""
+    weights = sum(p.stat().st_size for p in tiny_vlm.glob("*.safetensors"))
+    args = ["--memory-budget", str(weights + 600 * 512), "--prompt-cache-entries", "0"]
+    with WorkerProcess("bridge", args) as w:
+        loaded = w.call({"cmd": "load", "id": "l", "path": str(tiny_vlm), "force": True})
+        assert loaded["type"] == "loaded", loaded
+        never = w.call(chat("never", 0, "red", 4000))
+        assert never["code"] == "out_of_memory" and "KV" in never["error"], never
+        w.send(chat("a", 1, "green", 470))
+        w.send(chat("b", 2, "blue", 470))
+        lines = w.collect(["a", "b"], timeout=120)
+        last_a = max(i for i, line in enumerate(w.raw) if b'"id":"a"' in line)
+        first_b = min(i for i, line in enumerate(w.raw) if b'"id":"b"' in line)
+        assert last_a < first_b  # b waited for a's KV cache to go
+        assert lines["b"][-1]["queue_ms"] > lines["a"][-1]["queue_ms"]
+        info = w.call({"cmd": "info", "id": "i"})
+        assert info["batch"]["kv_budget_bytes"] == 600 * 512

@@ -102,12 +102,15 @@ class VisionDecoder:
         embed: Embed,
         capacity: int,
         prefill_step_size: int,
+        kv: KvShape,
         peak_memory: Callable[[], int],
     ) -> None:
         """``generate``: the solo lane (the engine's); ``embed``: the row
         arguments of a request for mlx-vlm's batch (``inputs_embeds`` and the
-        position state)."""
+        position state); ``kv``: the language model's KV cache a token, for
+        the scheduler's memory admission."""
         self._generate = generate
+        self._kv = kv
         self._model = model
         self._processor = processor
         self._tokenizer = tokenizer
@@ -132,7 +135,7 @@ class VisionDecoder:
 
     @property
     def kv(self) -> KvShape:
-        return KvShape()
+        return self._kv
 
     def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
         key = batch_key(prepared)

@@ -37,6 +37,7 @@ from bridge.engines.context_limits import DEFAULT_MAX_PROMPT_TOKENS, ContextLimi
 from bridge.engines.detokenizer import for_tokenizer
 from bridge.engines.engine_protocol import (
     DEFAULT_MAX_CONCURRENCY,
+    KvShape,
     LoadStep,
     Prepared,
     ReportLoad,
@@ -45,7 +46,13 @@ from bridge.engines.engine_protocol import (
     no_report,
 )
 from bridge.engines.mlx.facts import model_facts
-from bridge.engines.mlx.memory import available_memory, clear_streams, free_cache, memory_stats
+from bridge.engines.mlx.memory import (
+    available_memory,
+    clear_streams,
+    free_cache,
+    kv_budget,
+    memory_stats,
+)
 from bridge.engines.mlx.sampling import (
     check_token_ids,
     fit_vocab,
@@ -53,7 +60,7 @@ from bridge.engines.mlx.sampling import (
     step_logprobs,
 )
 from bridge.engines.prompt_tokens import encode_prompt
-from bridge.engines.text.engine import DEFAULT_PREFILL_STEP
+from bridge.engines.text.engine import DEFAULT_PREFILL_STEP, KV_SHARE
 from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
@@ -69,6 +76,7 @@ from bridge.engines.tool_calls import (
 )
 from bridge.engines.vision.batch import VisionDecoder
 from bridge.engines.vision.images import ImagePolicy, image_parts, load_images
+from bridge.model_dir.config import kv_cache_bytes
 from bridge.model_dir.files import ModelFiles, check_fits, open_model
 from bridge.model_dir.remote_code import CodeGuard, remote_code_allowed
 from protocol.errors import BadImage, InvalidRequest, LoadFailed, NoModel
@@ -137,6 +145,7 @@ class _Loaded:
     # (bridge.engines.tool_calls): read on the first chat with tools
     tool_tokenizer: Any = None
     tool_tokenizer_read: bool = False
+    kv: KvShape = field(default_factory=KvShape)  # for the scheduler's memory admission
 
     def tools_tokenizer(self) -> Any:
         if not self.tool_tokenizer_read:
@@ -228,14 +237,12 @@ class MlxVlmEngine:
             vision=True,
             vision_details=self._vision_details(model, processor),
         )
+        kv = KvShape(
+            bytes_per_token=kv_cache_bytes(files.config, files.weights, 1),
+            budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
+        )
         self._loaded = _Loaded(
-            model,
-            processor,
-            facts,
-            needed,
-            request.context_len,
-            directory,
-            trust,
+            model, processor, facts, needed, request.context_len, directory, trust, kv=kv
         )
         say(LoadStep(step="weights", done=needed, total=needed, unit="bytes"))
         say(LoadStep(step="ready"))
@@ -297,6 +304,7 @@ class MlxVlmEngine:
             embed=partial(_row_kwargs, loaded.model),
             capacity=self._max_concurrency,
             prefill_step_size=self._prefill_step_size,
+            kv=loaded.kv,
             peak_memory=_peak_memory,
         )
 
