@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from protocol.errors import WireError
 from protocol.replies import AttentionFacts, MemoryStats, ModelFacts, ToolCall, TopLogprob
 from protocol.requests import (
     Detokenize,
@@ -123,7 +124,16 @@ class Decoded:
     step: Step
 
 
-Event = Prefilled | Decoded
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed:
+    """One sequence failed on its own and the others go on (the vision
+    decoder's solo lanes); the decoder has already let it go."""
+
+    seq: SeqId
+    error: WireError
+
+
+Event = Prefilled | Decoded | Failed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,6 +38,7 @@ from bridge.engines.engine_protocol import (
     Decoded,
     Decoder,
     Engine,
+    Failed,
     LoadStep,
     Prefilled,
     Prepared,
@@ -424,6 +425,8 @@ class BatchScheduler:
                     self._end(event.seq, reason, engine_done=event.step.finish_reason is not None)
             elif isinstance(event, Prefilled):
                 r.generation.prefilled(event.done, event.total)
+            elif isinstance(event, Failed):
+                self._fail_one(event.seq, event.error)
         if self._lines is not None:
             self._lines.flush()
         self._steps += 1
@@ -447,6 +450,19 @@ class BatchScheduler:
             decoder.close()
         except Exception:
             log.exception("decoder close failed")
+        self._stats = self._snapshot()
+
+    def _fail_one(self, seq: SeqId, error: WireError) -> None:
+        """End one sequence with ``error``; the decoder has let it go already."""
+        with self._cond:
+            r = self._running.pop(seq, None)
+        if r is None:
+            return
+        if self._lines is not None:
+            self._lines.flush()  # the other requests' tokens of this step go first
+        r.generation.job.fail(error)
+        if not self._running:
+            self._exclusive = False
         self._stats = self._snapshot()
 
     def _release_cancelled(self) -> None:

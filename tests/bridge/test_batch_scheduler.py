@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from bridge.engines.engine_protocol import Decoder, Event, Prepared, SeqId, ShouldAbort
+from bridge.engines.engine_protocol import Decoder, Event, Failed, Prepared, SeqId, ShouldAbort
 from bridge.loop.jobs import Job, QueuedRequest
 from bridge.loop.scheduler import BatchScheduler
 from mock_worker.engine import ScriptedEngine
 from mock_worker.faults import Faults
+from protocol.errors import Internal
 from protocol.replies import Done, ProgressEvent, Reply, TokenEvent
 from protocol.requests import Generate, Load, Sampling
 
@@ -125,5 +126,61 @@ def test_a_decoder_that_fails_to_add_ends_every_running_request_and_recovers() -
         assert third.ended.wait(5.0)
         done = third.lines[-1]
         assert isinstance(done, Done) and done.finish_reason == "length"
+    finally:
+        assert s.shutdown(5.0)
+
+
+class FailingOne(ScriptedEngine):
+    """A scripted engine whose decoder reports, when told to, that the
+    sequence it names failed on its own (as a vision solo lane does)."""
+
+    def __init__(self) -> None:
+        super().__init__(faults=Faults(token_delay=0.02))
+        self.fail_seq: SeqId | None = None
+
+    def decoder(self) -> Decoder:
+        return _FailingOneDecoder(super().decoder(), self)
+
+
+class _FailingOneDecoder(_FailingDecoder):
+    def __init__(self, inner: Decoder, engine: FailingOne) -> None:
+        self._inner = inner
+        self._one = engine
+        self.capacity = inner.capacity
+        self.kv = inner.kv
+        self.seqs: list[SeqId] = []
+
+    def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
+        self.seqs.append(seq)
+        return self._inner.add(seq, prepared, should_abort=should_abort)
+
+    def step(self) -> Sequence[Event]:
+        seq = self._one.fail_seq
+        if seq is None:
+            return self._inner.step()
+        self._one.fail_seq = None
+        self._inner.remove(seq)
+        return [*self._inner.step(), Failed(seq=seq, error=Internal("decode failed: boom"))]
+
+
+def test_a_sequence_that_fails_alone_ends_only_its_request() -> None:
+    engine = FailingOne()
+    s = BatchScheduler(engine)
+    s.start()
+    s.release_warm_up()
+    try:
+        assert run(s, Load(id="load", path="mock")).ended.wait(5.0)
+        first = run(s, Generate(id="a", prompt="a b c", sampling=Sampling(max_tokens=40)))
+        second = run(s, Generate(id="b", prompt="d e", sampling=Sampling(max_tokens=10_000)))
+        wait_for(lambda: any(isinstance(r, TokenEvent) for r in second.lines))
+        decoder = s._decoder  # the one the scheduler made
+        assert isinstance(decoder, _FailingOneDecoder)
+        engine.fail_seq = decoder.seqs[1]
+        assert second.ended.wait(5.0)
+        assert getattr(second.lines[-1], "code", None) == "internal"
+        assert first.ended.wait(10.0)
+        done = first.lines[-1]
+        assert isinstance(done, Done) and done.finish_reason == "length"
+        wait_for(lambda: s.stats().running == 0)
     finally:
         assert s.shutdown(5.0)

@@ -258,3 +258,56 @@ def test_vision_requests_are_admitted_against_the_kv_budget(tiny_vlm: Path) -> N
         assert lines["b"][-1]["queue_ms"] > lines["a"][-1]["queue_ms"]
         info = w.call({"cmd": "info", "id": "i"})
         assert info["batch"]["kv_budget_bytes"] == 600 * 512
+
+
+def test_a_solo_lane_that_fails_ends_only_its_request(tiny_vlm: Path) -> None:
+    """The solo lanes run in turn: one that raises (the engine's ``generate``,
+    the decoder's seam, fails after three tokens here) ends its own request
+    with a Failed event; the others answer as alone."""
+    from bridge.engines.engine_protocol import Failed
+    from bridge.engines.vision.engine import MlxVlmEngine
+
+    class FailingEngine(MlxVlmEngine):
+        failing: Prepared | None = None
+
+        def generate(self, prepared: Prepared, should_abort: Any) -> Any:
+            cached, steps = super().generate(prepared, should_abort)
+            if prepared is not self.failing:
+                return cached, steps
+
+            def failing() -> Any:
+                try:
+                    for n, step in enumerate(steps):
+                        if n == 3:
+                            raise RuntimeError("out of memory, say")
+                        yield step
+                finally:
+                    steps.close()
+
+            return cached, failing()
+
+    engine = FailingEngine(prompt_cache_entries=0)
+    engine.load(Load(path=str(tiny_vlm)))
+    try:
+        prepared = [prepare(engine, i, c, logprobs=1) for i, c in enumerate(COLOURS)]
+        expected = [alone(engine, p) for p in prepared]
+        engine.failing = prepared[1]
+        decoder = engine.decoder()
+        tokens: dict[int, list[int]] = {i: [] for i in range(4)}
+        failed: list[Failed] = []
+        for i, p in enumerate(prepared):
+            decoder.add(i, p, should_abort=lambda: False)
+        assert {decoder.lane(i) for i in range(4)} == {"solo"}  # logprobs: no batch
+        while events := decoder.step():
+            for e in events:
+                if isinstance(e, Decoded):
+                    tokens[int(e.seq)].append(e.step.token_id)
+                elif isinstance(e, Failed):
+                    failed.append(e)
+        decoder.close()
+    finally:
+        engine.unload()
+    assert [(f.seq, f.error.code) for f in failed] == [(1, "internal")]
+    assert "out of memory, say" in failed[0].error.message
+    assert tokens[1] == expected[1][:3]
+    assert [tokens[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]

@@ -28,6 +28,10 @@ step, but a solo lane relies on the model's, which another lane's step
 overwrites: so each solo lane's state (:data:`POSITION_STATE`) is put back
 on the model before its step and kept after it.
 
+A solo lane that raises ends only its own request (a :class:`Failed`
+event; the scheduler answers it with the error); a failure of the batch's
+step ends every request, as in the text engine's batch.
+
 Engine thread only. MLX and mlx-vlm are imported lazily.
 """
 
@@ -42,6 +46,7 @@ from bridge.engines.detokenizer import IncrementalDetokenizer, for_tokenizer
 from bridge.engines.engine_protocol import (
     Decoded,
     Event,
+    Failed,
     KvShape,
     Prepared,
     SeqId,
@@ -49,6 +54,7 @@ from bridge.engines.engine_protocol import (
     Step,
 )
 from bridge.engines.mlx.sampling import make_sequence_sampling
+from protocol.errors import Internal, WireError
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -171,6 +177,15 @@ class VisionDecoder:
                 self._solo.pop(seq, None)
                 self._states.pop(seq, None)
                 events.append(Decoded(seq=seq, step=ABORTED))
+                continue
+            except Exception as exc:  # this lane's own: the other lanes go on
+                log.exception("vision request failed on its solo lane")
+                self._solo.pop(seq, None)
+                self._states.pop(seq, None)
+                error = exc if isinstance(exc, WireError) else None
+                if error is None:
+                    error = Internal(f"decode failed: {type(exc).__name__}: {exc}")
+                events.append(Failed(seq=seq, error=error))
                 continue
             if step.finish_reason is not None:
                 self._solo.pop(seq, None)
