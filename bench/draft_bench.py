@@ -15,10 +15,10 @@ the draft proposed and the model accepted. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from typing import Any
+
+from report import emit, save  # this folder, run as a script
 
 from supervisor import Worker
 
@@ -59,10 +59,8 @@ def main() -> None:
     result: dict[str, Any] = {"tokens": args.tokens, "num_draft_tokens": args.draft_tokens}
     for label, draft in (("none", None), ("itself", args.target), ("other", args.other)):
         result[label] = measure(args.target, draft, args.tokens, args.draft_tokens, args.rounds)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-    sys.stdout.write(json.dumps(result) + "\n")
+        save(result, args.out)
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from report import emit, median_ratio, save  # this folder, run as a script
 
 from supervisor import Worker
 
@@ -110,14 +110,10 @@ def main() -> None:
                 plain = batch(w, n, args.max_tokens, False)
                 constrained = batch(w, n, args.max_tokens, True)
                 rounds.append({"plain": plain, "constrained": constrained})
-            ratio = statistics.median(
-                r["constrained"]["tok_s"] / r["plain"]["tok_s"] for r in rounds
-            )
-            result[f"n{n}"] = {"rounds": rounds, "constrained_over_plain": round(ratio, 3)}
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
-    sys.stdout.write(json.dumps(result) + "\n")
+            ratio = median_ratio(rounds, "constrained", "plain")
+            result[f"n{n}"] = {"rounds": rounds, "constrained_over_plain": ratio}
+            save(result, args.out)
+    emit(result)
 
 
 if __name__ == "__main__":

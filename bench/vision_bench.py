@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from report import emit, median_ratio, save  # this folder, run as a script
 
 from supervisor import Worker
 
@@ -85,14 +86,10 @@ def main() -> None:
             for _ in range(args.rounds):
                 rounds.append({"together": burst(together, n, args.max_tokens)})
                 rounds[-1]["one_at_a_time"] = burst(solo, n, args.max_tokens)
-            ratio = statistics.median(
-                r["together"]["tok_s"] / r["one_at_a_time"]["tok_s"] for r in rounds
-            )
-            result[f"n{n}"] = {"rounds": rounds, "together_over_one_at_a_time": round(ratio, 3)}
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
-    sys.stdout.write(json.dumps(result) + "\n")
+            ratio = median_ratio(rounds, "together", "one_at_a_time")
+            result[f"n{n}"] = {"rounds": rounds, "together_over_one_at_a_time": ratio}
+            save(result, args.out)
+    emit(result)
 
 
 if __name__ == "__main__":

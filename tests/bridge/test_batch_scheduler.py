@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import pytest
 
@@ -47,6 +48,19 @@ def run(s: BatchScheduler, request: QueuedRequest) -> Replies:
     replies = Replies()
     s.submit(Job(request=request, send=replies))
     return replies
+
+
+@contextmanager
+def loaded(engine: ScriptedEngine) -> Iterator[BatchScheduler]:
+    """A scheduler over ``engine`` with its (scripted) model loaded; shut down after."""
+    s = BatchScheduler(engine)
+    s.start()
+    s.release_warm_up()
+    try:
+        assert run(s, Load(id="load", path="mock")).ended.wait(5.0)
+        yield s
+    finally:
+        assert s.shutdown(5.0)
 
 
 def wait_for(what: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -110,11 +124,7 @@ def test_a_decoder_that_fails_to_add_ends_every_running_request_and_recovers() -
     """A failed admission may leave the decoder half-changed: the running
     requests end with ``internal`` too, and the next request gets a fresh decoder."""
     engine = FailingAdds()
-    s = BatchScheduler(engine)
-    s.start()
-    s.release_warm_up()
-    try:
-        assert run(s, Load(id="load", path="mock")).ended.wait(5.0)
+    with loaded(engine) as s:
         first = run(s, Generate(id="a", prompt="a b c", sampling=Sampling(max_tokens=10_000)))
         wait_for(lambda: any(isinstance(r, TokenEvent) for r in first.lines))
         engine.fail_next = True
@@ -126,28 +136,26 @@ def test_a_decoder_that_fails_to_add_ends_every_running_request_and_recovers() -
         assert third.ended.wait(5.0)
         done = third.lines[-1]
         assert isinstance(done, Done) and done.finish_reason == "length"
-    finally:
-        assert s.shutdown(5.0)
 
 
-class FailingOne(ScriptedEngine):
+class FailingOne(FailingAdds):
     """A scripted engine whose decoder reports, when told to, that the
     sequence it names failed on its own (as a vision solo lane does)."""
 
     def __init__(self) -> None:
-        super().__init__(faults=Faults(token_delay=0.02))
+        super().__init__()
         self.fail_seq: SeqId | None = None
+        self.made: _FailingOneDecoder | None = None
 
     def decoder(self) -> Decoder:
-        return _FailingOneDecoder(super().decoder(), self)
+        self.made = _FailingOneDecoder(ScriptedEngine.decoder(self), self)
+        return self.made
 
 
 class _FailingOneDecoder(_FailingDecoder):
     def __init__(self, inner: Decoder, engine: FailingOne) -> None:
-        self._inner = inner
+        super().__init__(inner, engine)
         self._one = engine
-        self.capacity = inner.capacity
-        self.kv = inner.kv
         self.seqs: list[SeqId] = []
 
     def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
@@ -165,22 +173,15 @@ class _FailingOneDecoder(_FailingDecoder):
 
 def test_a_sequence_that_fails_alone_ends_only_its_request() -> None:
     engine = FailingOne()
-    s = BatchScheduler(engine)
-    s.start()
-    s.release_warm_up()
-    try:
-        assert run(s, Load(id="load", path="mock")).ended.wait(5.0)
+    with loaded(engine) as s:
         first = run(s, Generate(id="a", prompt="a b c", sampling=Sampling(max_tokens=40)))
         second = run(s, Generate(id="b", prompt="d e", sampling=Sampling(max_tokens=10_000)))
         wait_for(lambda: any(isinstance(r, TokenEvent) for r in second.lines))
-        decoder = s._decoder  # the one the scheduler made
-        assert isinstance(decoder, _FailingOneDecoder)
-        engine.fail_seq = decoder.seqs[1]
+        assert engine.made is not None
+        engine.fail_seq = engine.made.seqs[1]
         assert second.ended.wait(5.0)
         assert getattr(second.lines[-1], "code", None) == "internal"
         assert first.ended.wait(10.0)
         done = first.lines[-1]
         assert isinstance(done, Done) and done.finish_reason == "length"
         wait_for(lambda: s.stats().running == 0)
-    finally:
-        assert s.shutdown(5.0)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
-from dataclasses import replace
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bridge.engines.engine_protocol import Decoded, Prepared
+from bridge.engines.engine_protocol import Decoded, Failed, Prepared, Step
 from protocol.requests import Chat, Load, parse_request
 from tests.bridge.test_vision import tiny_vlm as tiny_vlm  # the session fixture
 from tests.harness import WorkerProcess, token_ids
@@ -68,25 +69,49 @@ def alone(engine: Any, prepared: Prepared) -> list[int]:
     return [s.token_id for s in steps]
 
 
+@dataclass
+class Driven:
+    """What a decoder stepped to its end gave: each sequence's steps, the
+    decoder step each one ended at, and the failures."""
+
+    steps: dict[int, list[Step]] = field(default_factory=lambda: defaultdict(list))
+    ended: dict[int, int] = field(default_factory=dict)
+    failed: list[Failed] = field(default_factory=list)
+
+    def tokens(self, seq: int) -> list[int]:
+        return [s.token_id for s in self.steps[seq]]
+
+
+def drive(decoder: Any, before: Mapping[int, Callable[[], None]] | None = None) -> Driven:
+    """Step ``decoder`` until a step gives nothing; ``before[k]`` runs before step k."""
+    out = Driven()
+    for k in range(2000):
+        if before and k in before:
+            before[k]()
+        events = decoder.step()
+        if not events:
+            return out
+        for e in events:
+            if isinstance(e, Decoded):
+                out.steps[int(e.seq)].append(e.step)
+                if e.step.finish_reason is not None:
+                    out.ended[int(e.seq)] = k
+            elif isinstance(e, Failed):
+                out.failed.append(e)
+    raise AssertionError("the decoder never ran dry")
+
+
 def together(engine: Any, prepared: list[Prepared]) -> tuple[dict[int, list[int]], dict[int, str]]:
     """Every request added at once; the tokens and the lane each took."""
     decoder = engine.decoder()
-    tokens: dict[int, list[int]] = {}
     lanes: dict[int, str] = {}
     for i, p in enumerate(prepared):
         decoder.add(i, p, should_abort=lambda: False)
         lanes[i] = decoder.lane(i)
-        tokens[i] = []
-    for _ in range(500):
-        events = decoder.step()
-        if not events:
-            break
-        for e in events:
-            if isinstance(e, Decoded):
-                tokens[int(e.seq)].append(e.step.token_id)
-    assert not decoder.lane(0) and not decoder.lane(len(prepared) - 1)  # every lane let go
+    driven = drive(decoder)
+    assert all(decoder.lane(i) is None for i in range(len(prepared)))  # every lane let go
     decoder.close()
-    return tokens, lanes
+    return {i: driven.tokens(i) for i in range(len(prepared))}, lanes
 
 
 def test_requests_with_and_without_images_batch_and_answer_as_alone(engine: Any) -> None:
@@ -121,48 +146,35 @@ def test_a_batched_request_removed_midway_leaves_the_others(engine: Any) -> None
     prepared = [prepare(engine, i, c) for i, c in enumerate(COLOURS)]
     expected = [alone(engine, p) for p in prepared]
     decoder = engine.decoder()
-    tokens: dict[int, list[int]] = {i: [] for i in range(4)}
     for i, p in enumerate(prepared):
         decoder.add(i, p, should_abort=lambda: False)
-    for n in range(500):
-        if n == 6:
-            decoder.remove(2)  # in the batch, decoding
-            assert decoder.lane(2) is None
-        events = decoder.step()
-        if not events:
-            break
-        for e in events:
-            if isinstance(e, Decoded):
-                tokens[int(e.seq)].append(e.step.token_id)
+
+    def remove() -> None:
+        assert decoder.lane(2) == "batch"
+        decoder.remove(2)  # decoding
+        assert decoder.lane(2) is None
+
+    driven = drive(decoder, {6: remove})
     decoder.close()
-    assert 0 < len(tokens[2]) < 20
-    assert [tokens[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+    assert 0 < len(driven.tokens(2)) < 20
+    assert [driven.tokens(i) for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
 
 
 def test_length_and_stop_end_batched_rows(engine: Any) -> None:
     """A row ends at max_tokens (length) or at EOS (stop, whose token is not
     part of the answer), and its last step says so."""
-    prepared = [
-        replace(
-            prepare(engine, i, c),
-            sampling=replace(prepare(engine, i, c).sampling, max_tokens=3 + i),
-        )
-        for i, c in enumerate(COLOURS)
-    ]
+    prepared = [prepare(engine, i, c, max_tokens=3 + i) for i, c in enumerate(COLOURS)]
     decoder = engine.decoder()
-    finishes: dict[int, list[str | None]] = {i: [] for i in range(4)}
     for i, p in enumerate(prepared):
         decoder.add(i, p, should_abort=lambda: False)
-    while events := decoder.step():
-        for e in events:
-            if isinstance(e, Decoded):
-                finishes[int(e.seq)].append(e.step.finish_reason)
+    driven = drive(decoder)
     decoder.close()
     for i in range(4):
-        assert finishes[i][-1] in ("length", "stop")
-        assert all(f is None for f in finishes[i][:-1])
-        if finishes[i][-1] == "length":
-            assert len(finishes[i]) == 3 + i
+        finishes = [s.finish_reason for s in driven.steps[i]]
+        assert finishes[-1] in ("length", "stop")
+        assert all(f is None for f in finishes[:-1])
+        if finishes[-1] == "length":
+            assert len(finishes) == 3 + i
 
 
 # -- through a worker ------------------------------------------------------------------
@@ -218,21 +230,18 @@ def test_a_request_joins_a_running_batch_at_a_small_capacity(tiny_vlm: Path) -> 
         prepared = [prepare(small, i, c) for i, c in enumerate(COLOURS[:3])]
         expected = [alone(small, p) for p in prepared]
         decoder = small.decoder()
-        tokens: dict[int, list[int]] = {i: [] for i in range(3)}
         for i in range(2):
             decoder.add(i, prepared[i], should_abort=lambda: False)
-        steps = 0
-        while events := decoder.step():
-            steps += 1
-            if steps == 5:
-                decoder.add(2, prepared[2], should_abort=lambda: False)
-                assert decoder.lane(2) == "batch"
-            for e in events:
-                if isinstance(e, Decoded):
-                    tokens[int(e.seq)].append(e.step.token_id)
+
+        def join() -> None:
+            decoder.add(2, prepared[2], should_abort=lambda: False)
+            assert decoder.lane(2) == "batch"
+
+        driven = drive(decoder, {5: join})
         decoder.close()
-        assert steps < 20 + 5 + 3  # the third did not wait for the others to end
-        assert [tokens[i] for i in range(3)] == expected
+        # the others end at step 19 or 20; had it waited for them, it would end past 40
+        assert driven.ended[2] < 20 + 5 + 3, driven.ended
+        assert [driven.tokens(i) for i in range(3)] == expected
     finally:
         small.unload()
 
@@ -264,7 +273,6 @@ def test_a_solo_lane_that_fails_ends_only_its_request(tiny_vlm: Path) -> None:
     """The solo lanes run in turn: one that raises (the engine's ``generate``,
     the decoder's seam, fails after three tokens here) ends its own request
     with a Failed event; the others answer as alone."""
-    from bridge.engines.engine_protocol import Failed
     from bridge.engines.vision.engine import MlxVlmEngine
 
     class FailingEngine(MlxVlmEngine):
@@ -293,21 +301,14 @@ def test_a_solo_lane_that_fails_ends_only_its_request(tiny_vlm: Path) -> None:
         expected = [alone(engine, p) for p in prepared]
         engine.failing = prepared[1]
         decoder = engine.decoder()
-        tokens: dict[int, list[int]] = {i: [] for i in range(4)}
-        failed: list[Failed] = []
         for i, p in enumerate(prepared):
             decoder.add(i, p, should_abort=lambda: False)
         assert {decoder.lane(i) for i in range(4)} == {"solo"}  # logprobs: no batch
-        while events := decoder.step():
-            for e in events:
-                if isinstance(e, Decoded):
-                    tokens[int(e.seq)].append(e.step.token_id)
-                elif isinstance(e, Failed):
-                    failed.append(e)
+        driven = drive(decoder)
         decoder.close()
     finally:
         engine.unload()
-    assert [(f.seq, f.error.code) for f in failed] == [(1, "internal")]
-    assert "out of memory, say" in failed[0].error.message
-    assert tokens[1] == expected[1][:3]
-    assert [tokens[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    assert [(f.seq, f.error.code) for f in driven.failed] == [(1, "internal")]
+    assert "out of memory, say" in driven.failed[0].error.message
+    assert driven.tokens(1) == expected[1][:3]
+    assert [driven.tokens(i) for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
