@@ -312,3 +312,20 @@ def test_a_solo_lane_that_fails_ends_only_its_request(tiny_vlm: Path) -> None:
     assert "out of memory, say" in driven.failed[0].error.message
     assert driven.tokens(1) == expected[1][:3]
     assert [driven.tokens(i) for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+
+
+def test_a_batched_request_removed_while_waiting_or_prefilling(engine: Any) -> None:
+    """Removed before mlx-vlm's batch took it in (waiting) and right after its
+    first step (prefilled with the others): nothing of it comes out, and
+    the others answer as alone."""
+    prepared = [prepare(engine, i, c) for i, c in enumerate(COLOURS)]
+    expected = [alone(engine, p) for p in prepared]
+    decoder = engine.decoder()
+    for i, p in enumerate(prepared):
+        decoder.add(i, p, should_abort=lambda: False)
+    decoder.remove(1)  # queued in mlx-vlm's batch, not yet prefilled
+    assert decoder.lane(1) is None
+    driven = drive(decoder, {1: lambda: decoder.remove(2)})
+    decoder.close()
+    assert 1 not in driven.steps and len(driven.steps[2]) <= 1
+    assert [driven.tokens(i) for i in (0, 3)] == [expected[i] for i in (0, 3)]
