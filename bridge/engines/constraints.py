@@ -166,6 +166,7 @@ class ConstraintProcessor:
         from llguidance import LLMatcher
 
         self.matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
+        self.vocab = compiled.vocab  # the width llguidance fills a bitmask row to
         self._prompt = prompt_tokens
         self._consumed = 0
         self._bitmask = lln.allocate_token_bitmask(1, compiled.vocab)

@@ -113,7 +113,10 @@ class BatchMasks:
             constraint.consume(tokens[i])
         if self._executor is None:
             self._executor = LLExecutor()
-        bitmask = np.full(lln.get_bitmask_shape(len(tokens), vocab), -1, np.int32)
+        # as wide as every matcher writes (a grammar's vocabulary is the model's, so
+        # this is the logits' width; never narrower than what llguidance fills)
+        width = max([vocab, *(c.vocab for _, c in rows)])
+        bitmask = np.full(lln.get_bitmask_shape(len(tokens), width), -1, np.int32)
         lln.fill_next_token_bitmask_par(self._executor, [(c.matcher, i) for i, c in rows], bitmask)
         return bitmask
 
