@@ -1,12 +1,28 @@
-"""What the benches share: their figures written as they go, and the median of paired rounds."""
+"""What the benches share: arguments, figures written as they go, medians of paired rounds."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+
+def burst_arguments(*, concurrency: str, max_tokens: int) -> argparse.Namespace:
+    """``MODEL [--concurrency N,N…] [--max-tokens N] [--rounds N] [--out FILE]``
+    for a bench of N requests at once, by turns; ``concurrency`` comes back
+    as a list of ints."""
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--concurrency", default=concurrency)
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out")
+    args = p.parse_args()
+    args.concurrency = [int(k) for k in args.concurrency.split(",") if k]
+    return args
 
 
 def save(result: dict[str, Any], out: str | None) -> None:

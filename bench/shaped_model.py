@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 QWEN3_0_6B = {
     "model_type": "qwen3",
@@ -47,7 +48,6 @@ SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-4b": QWEN3_4B}
 
 def build(out: Path, *, dtype: str, layers: int | None = None, shape: str = "qwen3-0.6b") -> Path:
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import qwen3
 
     from bridge import demo_model
@@ -68,19 +68,33 @@ def build(out: Path, *, dtype: str, layers: int | None = None, shape: str = "qwe
     config["eos_token_id"] = tiny_config["eos_token_id"]
     mx.random.seed(0)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    save_random(model, model.model, known_vocab=known_vocab, dtype=dtype, out=out, config=config)
+    return out
+
+
+def save_random(
+    model: Any, text: Any, *, known_vocab: int, dtype: str, out: Path, config: dict[str, Any]
+) -> None:
+    """Write ``model`` (freshly built, so random) to ``out`` with ``config``:
+    its matrices scaled down, everything cast to ``dtype``, and the embedding
+    rows of ``text`` (the module holding ``embed_tokens``) past the
+    tokenizer's ``known_vocab`` zeroed, the others scaled up, so that greedy
+    choices are decisive and never land on a token the tokenizer lacks."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
     model.update(
         tree_map(
             lambda p: (p * 0.02 if p.ndim > 1 else p).astype(getattr(mx, dtype)), model.parameters()
         )
     )
-    embed = model.model.embed_tokens.weight
+    embed = text.embed_tokens.weight
     keep = (mx.arange(embed.shape[0]) < known_vocab)[:, None]
-    model.model.embed_tokens.weight = mx.where(keep, embed * 50, mx.zeros_like(embed))
+    text.embed_tokens.weight = mx.where(keep, embed * 50, mx.zeros_like(embed))
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 def main() -> int:

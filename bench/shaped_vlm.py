@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from shaped_model import save_random  # this folder, run as a script
+
 # Qwen2-VL-2B-Instruct's config.json (text and vision towers); the vocabulary
 # stays the fixture's.
 TEXT = {
@@ -35,7 +37,6 @@ VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16, 
 
 def build(out: Path, *, dtype: str, layers: int | None, vision_depth: int | None) -> Path:
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_map
     from mlx_vlm.utils import get_model_and_args, update_module_configs
 
     from bridge.demo import vlm
@@ -59,20 +60,8 @@ def build(out: Path, *, dtype: str, layers: int | None, vision_depth: int | None
     )
     mx.random.seed(0)
     model = arch.Model(model_config)
-    model.update(
-        tree_map(
-            lambda p: (p * 0.02 if p.ndim > 1 else p).astype(getattr(mx, dtype)), model.parameters()
-        )
-    )
-    embed = model.language_model.model.embed_tokens.weight
-    keep = (mx.arange(embed.shape[0]) < known_vocab)[:, None]
-    model.language_model.model.embed_tokens.weight = mx.where(
-        keep, embed * 50, mx.zeros_like(embed)
-    )
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    text = model.language_model.model
+    save_random(model, text, known_vocab=known_vocab, dtype=dtype, out=out, config=config)
     return out
 
 

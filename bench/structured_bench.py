@@ -14,13 +14,12 @@ is rewritten after every N.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from report import emit, median_ratio, save  # this folder, run as a script
+from report import burst_arguments, emit, median_ratio, save  # this folder, run as a script
 
 from supervisor import Worker
 
@@ -93,18 +92,12 @@ def batch(w: Worker, n: int, max_tokens: int, constrained: bool) -> dict[str, An
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("--concurrency", default="1,8")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out")
-    args = p.parse_args()
+    args = burst_arguments(concurrency="1,8", max_tokens=256)
     result: dict[str, Any] = {"max_tokens": args.max_tokens}
     with Worker(model=args.model, start_timeout=900, request_timeout=900) as w:
         batch(w, 2, 32, False)  # warm-up
         batch(w, 2, 32, True)
-        for n in [int(k) for k in args.concurrency.split(",") if k]:
+        for n in args.concurrency:
             rounds = []
             for _ in range(args.rounds):
                 plain = batch(w, n, args.max_tokens, False)

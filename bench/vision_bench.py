@@ -15,7 +15,6 @@ the queue (worst). Prints JSON; ``--out`` is rewritten after every N.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import statistics
@@ -24,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from report import emit, median_ratio, save  # this folder, run as a script
+from report import burst_arguments, emit, median_ratio, save  # this folder, run as a script
 
 from supervisor import Worker
 
@@ -66,13 +65,7 @@ def burst(w: Worker, n: int, max_tokens: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("--concurrency", default="1,4,8")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out")
-    args = p.parse_args()
+    args = burst_arguments(concurrency="1,4,8", max_tokens=64)
     result: dict[str, Any] = {"max_tokens": args.max_tokens}
     one_at_a_time = [sys.executable, "-m", "bridge", "--max-concurrency", "1"]
     with (
@@ -81,7 +74,7 @@ def main() -> None:
     ):
         for w in (together, solo):
             burst(w, 2, 16)  # warm-up
-        for n in [int(k) for k in args.concurrency.split(",") if k]:
+        for n in args.concurrency:
             rounds = []
             for _ in range(args.rounds):
                 rounds.append({"together": burst(together, n, args.max_tokens)})
