@@ -426,7 +426,7 @@ class BatchScheduler:
             elif isinstance(event, Prefilled):
                 r.generation.prefilled(event.done, event.total)
             elif isinstance(event, Failed):
-                self._fail_one(event.seq, event.error)
+                self._end(event.seq, "failed", engine_done=True, error=event.error)
         if self._lines is not None:
             self._lines.flush()
         self._steps += 1
@@ -452,26 +452,21 @@ class BatchScheduler:
             log.exception("decoder close failed")
         self._stats = self._snapshot()
 
-    def _fail_one(self, seq: SeqId, error: WireError) -> None:
-        """End one sequence with ``error``; the decoder has let it go already."""
-        with self._cond:
-            r = self._running.pop(seq, None)
-        if r is None:
-            return
-        if self._lines is not None:
-            self._lines.flush()  # the other requests' tokens of this step go first
-        r.generation.job.fail(error)
-        if not self._running:
-            self._exclusive = False
-        self._stats = self._snapshot()
-
     def _release_cancelled(self) -> None:
         for seq, r in list(self._running.items()):
             if r.generation.cancelled:
                 self._end(seq, "cancelled")
 
-    def _end(self, seq: SeqId, reason: str, *, engine_done: bool = False) -> None:
-        """Take the sequence out of the decoder, then write the request's ``done``.
+    def _end(
+        self,
+        seq: SeqId,
+        reason: str,
+        *,
+        engine_done: bool = False,
+        error: WireError | None = None,
+    ) -> None:
+        """Take the sequence out of the decoder, then write the request's
+        ``done`` (or ``error``: the sequence failed on its own).
 
         In that order, so that ``done`` means the sequence is gone: an engine
         that cannot let it go (mock_worker's ``ignore_cancel``) never writes
@@ -489,8 +484,11 @@ class BatchScheduler:
                 log.exception("removing sequence %d failed", seq)
         if self._lines is not None:
             self._lines.flush()  # the other requests' tokens of this step go first
-        peak = decoder.peak_memory() if decoder is not None else 0
-        r.generation.finish(reason, peak_memory=peak)
+        if error is not None:
+            r.generation.job.fail(error)
+        else:
+            peak = decoder.peak_memory() if decoder is not None else 0
+            r.generation.finish(reason, peak_memory=peak)
         if not self._running:
             self._exclusive = False
         self._stats = self._snapshot()  # info between two steps sees it gone

@@ -54,6 +54,13 @@ def available_memory(budget: int | None, *, freed: int) -> int:
     return int(psutil.virtual_memory().available) + freed
 
 
+def peak_memory() -> int:
+    """Peak bytes MLX has used (for ``done``)."""
+    import mlx.core as mx
+
+    return int(mx.get_peak_memory())
+
+
 def free_cache() -> None:
     """Collect the dropped model and give MLX's cached buffers back."""
     gc.collect()

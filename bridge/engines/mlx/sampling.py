@@ -172,24 +172,39 @@ def make_sequence_sampling(s: Sampling) -> SequenceSampling:
         return SequenceSampling(
             sampler=seeded, processors=processors, seeded=seeded, context=context
         )
-    return SequenceSampling(sampler=_shared_sampler(s), processors=processors, context=context)
+    return SequenceSampling(sampler=shared_sampler(s), processors=processors, context=context)
 
 
-_SHARED: dict[tuple[float, float, float, int], Any] = {}
+SamplerKey = tuple[float, float, float, int]
+_SHARED: dict[SamplerKey, Any] = {}
 
 
-def _shared_sampler(s: Sampling) -> Any:
-    """mlx-lm's sampler for ``s``'s options, one object per distinct options
-    (``BatchGenerator`` samples rows that share a sampler object in one call)."""
+def sampler_key(s: Sampling) -> SamplerKey | None:
+    """The options that sequences sampled by one shared sampler agree on
+    (greedy is greedy whatever the filters), or None for a seeded request,
+    which draws its own keys."""
+    if s.temperature <= 0:
+        return (0.0, 1.0, 0.0, 0)
+    if s.seed is not None:
+        return None
+    return (s.temperature, s.top_p, s.min_p, s.top_k)
+
+
+def shared_sampler(s: Sampling) -> Any:
+    """mlx-lm's sampler for ``s``'s options (not seeded), one object per
+    :func:`sampler_key` (a batch samples rows that share a sampler object in
+    one call)."""
     from mlx_lm.sample_utils import make_sampler
 
-    key = (s.temperature, s.top_p, s.min_p, s.top_k)
+    key = sampler_key(s)
+    assert key is not None, "a seeded request has its own sampler"
+    temperature, top_p, min_p, top_k = key
     sampler = _SHARED.get(key)
     if sampler is None:
         if len(_SHARED) >= 64:
             _SHARED.clear()
         sampler = _SHARED[key] = make_sampler(
-            temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k
+            temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k
         )
     return sampler
 

@@ -57,6 +57,7 @@ from bridge.engines.engine_protocol import (
     ShouldAbort,
     Step,
 )
+from bridge.engines.mlx.memory import peak_memory
 from bridge.engines.mlx.sampling import SequenceSampling, make_sequence_sampling, step_logprobs
 from bridge.engines.text.batch_mask import BatchMasks, MaskedModel
 from bridge.engines.text.prompt_cache import KVCache, PromptCacheStore
@@ -198,9 +199,7 @@ class TextDecoder:
         return ()
 
     def peak_memory(self) -> int:
-        import mlx.core as mx
-
-        return int(mx.get_peak_memory())
+        return peak_memory()
 
     def close(self) -> None:
         for seq in list(self._seqs):
@@ -260,7 +259,7 @@ class TextDecoder:
         sampling.at(state.emitted)
         processors = sampling.processors_after(state.fed) or None
         drafts = state.prepared.draft_tokens or 0
-        if self._draft is not None and drafts > 0 and sampling.constraint is None:
+        if self._draft is not None and drafts > 0:  # never with a grammar (engine.prepare)
             return self._speculate(state, feed, drafts, processors)
         steps = generate_step(
             mx.array(feed),

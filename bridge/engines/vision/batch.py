@@ -7,7 +7,9 @@ A :class:`VisionDecoder` has two kinds of lane:
   while nothing else runs takes it, so one stream keeps its speed and its
   cache. So does a request the batch cannot take; several solo lanes are
   stepped in turn, one token each per step, so none waits for another to
-  finish.
+  finish. A solo lane's first step is its whole prefill (mlx-vlm's
+  ``generate_step`` yields nothing before it), which the other lanes wait
+  for: unlike the text decoder's solo lane, it is not fed a chunk a step.
 - **batch**: mlx-vlm's ``BatchGenerator`` over the language model, fed the
   request's input embeddings (the vision tower runs once, when the request is
   added) and its position state (``position_ids``, ``rope_deltas``), so rows
@@ -32,14 +34,19 @@ A solo lane that raises ends only its own request (a :class:`Failed`
 event; the scheduler answers it with the error); a failure of the batch's
 step ends every request, as in the text engine's batch.
 
+The decoder holds mlx-vlm's wired-memory limit (Metal only) from its first
+request to its close, once for every lane: lanes that entered and left it
+each on their own would put back each other's limits out of order.
+
 Engine thread only. MLX and mlx-vlm are imported lazily.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bridge.engines.detokenizer import IncrementalDetokenizer, for_tokenizer
@@ -53,7 +60,8 @@ from bridge.engines.engine_protocol import (
     ShouldAbort,
     Step,
 )
-from bridge.engines.mlx.sampling import make_sequence_sampling
+from bridge.engines.mlx.memory import peak_memory
+from bridge.engines.mlx.sampling import SamplerKey, sampler_key, shared_sampler
 from protocol.errors import Internal, WireError
 
 if TYPE_CHECKING:
@@ -76,25 +84,37 @@ Embed = Callable[[Prepared], dict[str, Any] | None]
 model cannot give them (the request then runs solo)."""
 
 
-def batch_key(prepared: Prepared) -> Hashable | None:
-    """The sampling a request needs of a shared batch sampler, or None if
-    only the solo lane serves it exactly."""
+def batch_key(prepared: Prepared) -> SamplerKey | None:
+    """The shared sampler a request needs of the batch, or None if only the
+    solo lane serves it exactly (a seed, logprobs, a repetition penalty or a
+    logit bias)."""
     s = prepared.sampling
     if s.logprobs or s.logit_bias or s.repetition_penalty:
         return None
-    if s.temperature > 0 and s.seed is not None:
-        return None  # a seeded request draws its own keys (SeededSampler)
-    if s.temperature <= 0:
-        return ("greedy",)
-    return (s.temperature, s.top_p, s.min_p, s.top_k)
+    return sampler_key(s)
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """A solo lane: its steps, and its position state between them (None: not started)."""
+
+    steps: Generator[Step, None, None]
+    state: dict[str, Any] | None = None
 
 
 @dataclass(eq=False, slots=True)
 class _Row:
     seq: SeqId
     text: IncrementalDetokenizer
-    max_tokens: int
-    emitted: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """mlx-vlm's batch generator, while it has rows, and the sampler it was made with."""
+
+    generator: Any
+    key: SamplerKey
+    rows: dict[int, _Row] = field(default_factory=dict)  # by uid
 
 
 class VisionDecoder:
@@ -108,30 +128,31 @@ class VisionDecoder:
         embed: Embed,
         capacity: int,
         prefill_step_size: int,
+        prefill_batch_size: int,
         kv: KvShape,
-        peak_memory: Callable[[], int],
+        wired: Callable[[], AbstractContextManager[None]],
     ) -> None:
         """``generate``: the solo lane (the engine's); ``embed``: the row
         arguments of a request for mlx-vlm's batch (``inputs_embeds`` and the
         position state); ``kv``: the language model's KV cache a token, for
-        the scheduler's memory admission."""
+        the scheduler's memory admission; ``wired``: mlx-vlm's wired-memory
+        limit for the model."""
         self._generate = generate
         self._kv = kv
-        self._model = model
+        self._lm = getattr(model, "language_model", model)
         self._processor = processor
         self._tokenizer = tokenizer
         self._embed = embed
         self._capacity = max(1, capacity)
         self._prefill_step = prefill_step_size
-        self._peak_memory = peak_memory
-        self._solo: dict[SeqId, Generator[Step, None, None]] = {}
-        self._batch: Any = None  # mlx_vlm's BatchGenerator, while it has rows
-        self._batch_key: Hashable | None = None
-        self._rows: dict[int, _Row] = {}  # by uid
+        self._prefill_batch = max(1, min(prefill_batch_size, self._capacity))
+        self._wired = wired
+        self._held = ExitStack()
+        self._holding = False
+        self._solo: dict[SeqId, _Lane] = {}
+        self._batch: _Batch | None = None
         self._uids: dict[SeqId, int] = {}
-        self._lm = getattr(model, "language_model", model)
         self._state_names = [n for n in POSITION_STATE if hasattr(self._lm, n)]
-        self._states: dict[SeqId, dict[str, Any]] = {}  # each solo lane's, between its steps
 
     # -- Decoder --------------------------------------------------------------------
 
@@ -144,62 +165,60 @@ class VisionDecoder:
         return self._kv
 
     def add(self, seq: SeqId, prepared: Prepared, *, should_abort: ShouldAbort) -> int:
+        if not self._holding:
+            self._held.enter_context(self._wired())
+            self._holding = True
         key = batch_key(prepared)
-        busy = bool(self._solo or self._rows)
-        if busy and key is not None and (self._batch is None or key == self._batch_key):
+        busy = bool(self._solo or self._uids)
+        batch = self._batch
+        if busy and key is not None and (batch is None or key == batch.key):
             row_kwargs = self._embed(prepared)
             if row_kwargs is not None:
                 self._to_batch(seq, prepared, key, row_kwargs)
                 return 0
         cached, steps = self._generate(prepared, should_abort)
-        self._solo[seq] = steps
+        self._solo[seq] = _Lane(steps)
         return cached
 
     def remove(self, seq: SeqId) -> None:
-        steps = self._solo.pop(seq, None)
-        if steps is not None:
-            self._states.pop(seq, None)
-            steps.close()
+        lane = self._solo.pop(seq, None)
+        if lane is not None:
+            lane.steps.close()
             return
         uid = self._uids.pop(seq, None)
         if uid is not None and self._batch is not None:
-            self._rows.pop(uid, None)
-            self._batch.remove(uid)
+            self._batch.rows.pop(uid, None)
+            self._batch.generator.remove(uid)
             self._release_if_empty()
 
     def step(self) -> Sequence[Event]:
         events: list[Event] = []
-        for seq, steps in list(self._solo.items()):
-            self._enter(seq)
+        for seq, lane in list(self._solo.items()):
+            self._enter(lane)
             try:
-                step = next(steps)
+                step = next(lane.steps)
             except StopIteration:  # aborted in prefill: the request was cancelled
-                self._solo.pop(seq, None)
-                self._states.pop(seq, None)
+                del self._solo[seq]
                 events.append(Decoded(seq=seq, step=ABORTED))
                 continue
             except Exception as exc:  # this lane's own: the other lanes go on
                 log.exception("vision request failed on its solo lane")
-                self._solo.pop(seq, None)
-                self._states.pop(seq, None)
-                error = exc if isinstance(exc, WireError) else None
-                if error is None:
-                    error = Internal(f"decode failed: {type(exc).__name__}: {exc}")
+                del self._solo[seq]
+                error = exc if isinstance(exc, WireError) else Internal(f"decode failed: {exc!r}")
                 events.append(Failed(seq=seq, error=error))
                 continue
             if step.finish_reason is not None:
-                self._solo.pop(seq, None)
-                self._states.pop(seq, None)
-                steps.close()
+                del self._solo[seq]
+                lane.steps.close()
             else:
-                self._leave(seq)
+                self._leave(lane)
             events.append(Decoded(seq=seq, step=step))
-        if self._batch is not None and self._rows:
-            events.extend(self._batch_step())
+        if self._batch is not None:
+            events.extend(self._batch_step(self._batch))
         return events
 
     def peak_memory(self) -> int:
-        return self._peak_memory()
+        return peak_memory()
 
     def lane(self, seq: SeqId) -> str | None:
         """Where ``seq`` runs: ``solo``, ``batch``, or None (not here)."""
@@ -210,70 +229,67 @@ class VisionDecoder:
     def close(self) -> None:
         for seq in list(self._solo):
             self.remove(seq)
-        self._rows.clear()
         self._uids.clear()
-        self._states.clear()
         if self._batch is not None:
-            self._batch.close()
+            self._batch.generator.close()
             self._batch = None
+        self._held.close()
+        self._holding = False
 
     # -- the solo lanes ---------------------------------------------------------------
 
-    def _enter(self, seq: SeqId) -> None:
-        """Put ``seq``'s position state on the model (none yet: a fresh one)."""
-        state = self._states.get(seq)
+    def _enter(self, lane: _Lane) -> None:
+        """Put ``lane``'s position state on the model (none yet: a fresh one)."""
         for name in self._state_names:
-            setattr(self._lm, name, None if state is None else state[name])
+            setattr(self._lm, name, None if lane.state is None else lane.state[name])
 
-    def _leave(self, seq: SeqId) -> None:
-        self._states[seq] = {name: getattr(self._lm, name, None) for name in self._state_names}
+    def _leave(self, lane: _Lane) -> None:
+        lane.state = {name: getattr(self._lm, name, None) for name in self._state_names}
 
     # -- the batch lane ---------------------------------------------------------------
 
     def _to_batch(
-        self, seq: SeqId, prepared: Prepared, key: Hashable, row_kwargs: dict[str, Any]
+        self, seq: SeqId, prepared: Prepared, key: SamplerKey, row_kwargs: dict[str, Any]
     ) -> None:
         if self._batch is None:
             from mlx_vlm.generate.ar import BatchGenerator
 
-            sampling = make_sequence_sampling(prepared.sampling)
-            prefill = min(8, self._capacity)
-            self._batch = BatchGenerator(
-                self._model.language_model,
+            s = prepared.sampling
+            generator = BatchGenerator(
+                self._lm,
                 self._processor,
-                sampler=sampling.sampler if prepared.sampling.temperature > 0 else None,
-                # mlx-vlm admits waiting rows only while ``prefill`` more would fit
+                sampler=shared_sampler(s) if s.temperature > 0 else None,  # None: greedy
+                # mlx-vlm admits waiting rows only while a whole prefill batch fits
                 # under this; the scheduler already keeps the rows within capacity
-                completion_batch_size=self._capacity + prefill - 1,
-                prefill_batch_size=prefill,
+                completion_batch_size=self._capacity + self._prefill_batch - 1,
+                prefill_batch_size=self._prefill_batch,
                 prefill_step_size=self._prefill_step,
                 compute_logprobs=False,
             )
-            self._batch_key = key
-        max_tokens = prepared.sampling.max_tokens
-        (uid,) = self._batch.insert(
-            [list(prepared.tokens)], max_tokens=[max_tokens], prompt_kwargs=[row_kwargs]
+            self._batch = _Batch(generator, key)
+        (uid,) = self._batch.generator.insert(
+            [list(prepared.tokens)],
+            max_tokens=[prepared.sampling.max_tokens],
+            prompt_kwargs=[row_kwargs],
         )
-        self._rows[uid] = _Row(seq=seq, text=for_tokenizer(self._tokenizer), max_tokens=max_tokens)
+        self._batch.rows[uid] = _Row(seq=seq, text=for_tokenizer(self._tokenizer))
         self._uids[seq] = uid
 
-    def _batch_step(self) -> list[Event]:
-        _, responses = self._batch.next()
+    def _batch_step(self, batch: _Batch) -> list[Event]:
+        """One step of mlx-vlm's batch (it ends rows at EOS, ``stop``, and at
+        their ``max_tokens``, ``length``, and lets them go itself)."""
+        _, responses = batch.generator.next()
         events: list[Event] = []
         for r in responses:
-            row = self._rows.get(r.uid)
+            row = batch.rows.get(r.uid)
             if row is None:
                 continue
-            row.emitted += 1
             finish = r.finish_reason
-            if finish is None and row.emitted >= row.max_tokens:
-                finish = "length"  # mlx-vlm counts the same way; never left running
-                self._batch.remove(r.uid)
             eos = finish == "stop"
             piece = "" if eos else row.text.add(int(r.token))
             if finish is not None:
                 piece += row.text.finish()
-                del self._rows[r.uid]
+                del batch.rows[r.uid]
                 self._uids.pop(row.seq, None)
             step = Step(text=piece, token_id=int(r.token), is_eos=eos, finish_reason=finish)
             events.append(Decoded(seq=row.seq, step=step))
@@ -282,10 +298,9 @@ class VisionDecoder:
 
     def _release_if_empty(self) -> None:
         """An empty batch is let go, so that the next one may take another sampler."""
-        if self._batch is not None and not self._rows:
-            self._batch.close()
+        if self._batch is not None and not self._batch.rows:
+            self._batch.generator.close()
             self._batch = None
-            self._batch_key = None
 
 
 # What a generator that stopped without a last step ended with.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Generator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -60,7 +61,7 @@ from bridge.engines.mlx.sampling import (
     step_logprobs,
 )
 from bridge.engines.prompt_tokens import encode_prompt
-from bridge.engines.text.engine import DEFAULT_PREFILL_STEP, KV_SHARE
+from bridge.engines.text.engine import DEFAULT_PREFILL_BATCH, DEFAULT_PREFILL_STEP, KV_SHARE
 from bridge.engines.text.prompt_cache import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
@@ -304,8 +305,9 @@ class MlxVlmEngine:
             embed=partial(_row_kwargs, loaded.model),
             capacity=self._max_concurrency,
             prefill_step_size=self._prefill_step_size,
+            prefill_batch_size=DEFAULT_PREFILL_BATCH,
             kv=loaded.kv,
-            peak_memory=_peak_memory,
+            wired=partial(_wired_limit, loaded.model),
         )
 
     def generate(
@@ -340,7 +342,6 @@ class MlxVlmEngine:
     ) -> Generator[Step, None, None]:
         import mlx.core as mx
         from mlx_vlm.generate import generate_step
-        from mlx_vlm.generate.common import generation_stream, wired_limit
         from mlx_vlm.models import cache
 
         s = prepared.sampling
@@ -368,48 +369,47 @@ class MlxVlmEngine:
         if kv is None:
             kv = cache.make_prompt_cache(model.language_model, max_kv_size=loaded.max_kv_size)
         answer: list[int] = []
-        with wired_limit(model, [generation_stream]):
-            steps = generate_step(
-                mx.array([feed]),
-                model,
-                pixel_values,
-                mask,
-                max_tokens=s.max_tokens,
-                sampler=sampler,
-                logits_processors=processors or None,
-                prompt_cache=kv,
-                prefill_step_size=step_size,
-                prompt_cache_checkpoint=checkpoint,
-                prompt_cache_checkpoint_lengths=list(range(step_size, n_prompt, step_size)),
-                **extra,
-            )
-            try:
-                for n, (token, logprobs) in enumerate(steps):
-                    token = int(token)
-                    answer.append(token)
-                    eos = bool(stopping(token))
-                    last = eos or n + 1 == s.max_tokens
-                    piece = "" if eos else text.add(token)
-                    if last:
-                        piece += text.finish()
-                    logprob, top = step_logprobs(logprobs, token, s.logprobs, tokenizer)
-                    yield Step(
-                        text=piece,
-                        token_id=token,
-                        is_eos=eos,
-                        finish_reason=("stop" if eos else "length") if last else None,
-                        logprob=logprob,
-                        top_logprobs=top,
-                    )
-                    if last:
-                        break
-            except _Aborted:
-                return
-            finally:
-                steps.close()
-                if key is not None:
-                    self._keep(key, [*prepared.tokens, *answer], kv)
-                mx.clear_cache()
+        steps = generate_step(
+            mx.array([feed]),
+            model,
+            pixel_values,
+            mask,
+            max_tokens=s.max_tokens,
+            sampler=sampler,
+            logits_processors=processors or None,
+            prompt_cache=kv,
+            prefill_step_size=step_size,
+            prompt_cache_checkpoint=checkpoint,
+            prompt_cache_checkpoint_lengths=list(range(step_size, n_prompt, step_size)),
+            **extra,
+        )
+        try:
+            for n, (token, logprobs) in enumerate(steps):
+                token = int(token)
+                answer.append(token)
+                eos = bool(stopping(token))
+                last = eos or n + 1 == s.max_tokens
+                piece = "" if eos else text.add(token)
+                if last:
+                    piece += text.finish()
+                logprob, top = step_logprobs(logprobs, token, s.logprobs, tokenizer)
+                yield Step(
+                    text=piece,
+                    token_id=token,
+                    is_eos=eos,
+                    finish_reason=("stop" if eos else "length") if last else None,
+                    logprob=logprob,
+                    top_logprobs=top,
+                )
+                if last:
+                    break
+        except _Aborted:
+            return
+        finally:
+            steps.close()
+            if key is not None:
+                self._keep(key, [*prepared.tokens, *answer], kv)
+            mx.clear_cache()
 
     def tokenize(self, request: Tokenize) -> tuple[int, ...]:
         tokenizer = _tokenizer(self._require(request).processor)
@@ -445,10 +445,14 @@ class MlxVlmEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _cacheable(self, loaded: _Loaded) -> bool:
+        """Whether this model's prompt caches are kept and reused at all."""
+        return self._caches.enabled and loaded.facts.model_type in CACHEABLE
+
     def _slot(self, loaded: _Loaded, prepared: Prepared) -> str | None:
         """The prompt-cache slot: the request's ``cache_key`` and its images'
         content; None when this model's caches are not reused."""
-        if not self._caches.enabled or loaded.facts.model_type not in CACHEABLE:
+        if not self._cacheable(loaded):
             return None
         images = prepared.image_key if isinstance(prepared, VisionPrepared) else ""
         return f"{prepared.cache_key or ''}\0{images}"
@@ -512,15 +516,15 @@ class MlxVlmEngine:
                     f"not in a {role!r} message",
                     request_id=request.id,
                 )
-        images = load_images(located, self._images, request_id=request.id)
-        messages = [_template_message(m) for m in request.messages]
-        kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
-        if request.tool_choice in ("required", "function"):
+        if request.tool_choice in ("required", "function"):  # before any image is read
             raise InvalidRequest(
                 "tool_choice: a vision model cannot constrain its output yet; send "
                 "'auto' or 'none'",
                 request_id=request.id,
             )
+        images = load_images(located, self._images, request_id=request.id)
+        messages = [_template_message(m) for m in request.messages]
+        kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         tools = offered_tools(request)
         if tools:
             kwargs["tools"] = [dict(t) for t in tools]
@@ -578,7 +582,7 @@ class MlxVlmEngine:
             tokens=tuple(tokens),
             sampling=sampling,
             cache_key=request.cache_key,
-            image_key=_image_digest(images),
+            image_key=_image_digest(images) if self._cacheable(loaded) else "",
             images_end=ends[-1] if ends else 0,
             answer_parser=answer_parser(
                 tool_format_for(loaded.tools_tokenizer(), tools) if tools else None, tools
@@ -695,7 +699,9 @@ def _row_kwargs(model: nn.Module, prepared: Prepared) -> dict[str, Any] | None:
     return {**extra, **{k: v for k, v in fields.items() if v is not None}}
 
 
-def _peak_memory() -> int:
-    import mlx.core as mx
+def _wired_limit(model: nn.Module) -> AbstractContextManager[None]:
+    """mlx-vlm's wired-memory limit for ``model`` (Metal only), as a context manager."""
+    from mlx_vlm.generate.common import generation_stream, wired_limit
 
-    return int(mx.get_peak_memory())
+    limit: AbstractContextManager[None] = wired_limit(model, [generation_stream])
+    return limit
