@@ -1,7 +1,7 @@
 """Output constrained to a JSON Schema, a regular expression or a Lark grammar, with llguidance.
 
 A request's :class:`~protocol.requests.OutputConstraint` is compiled once per
-distinct grammar text (:class:`Grammars`, least recently used evicted
+distinct constraint (:class:`Grammars`, least recently used evicted
 first) against the model's own tokenizer, and checked before any token:
 what llguidance cannot compile is ``invalid_request`` naming the field and
 the problem. Each constrained sequence then gets its own matcher inside a
@@ -52,10 +52,11 @@ JSON_OPTIONS: Any = {"whitespace_flexible": False}
 
 @dataclass(frozen=True, slots=True)
 class Compiled:
-    """A grammar llguidance accepted, with the tokenizer it was checked against."""
+    """A grammar llguidance accepted: a matcher at its start, which every
+    sequence constrained by it copies (building one from the grammar's text
+    is the expensive part)."""
 
-    grammar: str
-    tokenizer: Any  # llguidance.LLTokenizer
+    matcher: Any  # llguidance.LLMatcher, never advanced itself
     vocab: int  # the logits' width (may exceed the tokenizer's vocabulary)
 
     def processor(self, prompt_tokens: int) -> ConstraintProcessor:
@@ -85,7 +86,8 @@ def grammar_text(constraint: OutputConstraint) -> str:
 
 
 class Grammars:
-    """Compiled grammars of one loaded model, by grammar text (engine thread)."""
+    """Compiled grammars of one loaded model, by the constraint's kind and
+    source text (engine thread)."""
 
     def __init__(
         self, tokenizer: TokenizerWrapper, vocab: int, *, limit: int = MAX_GRAMMARS
@@ -94,7 +96,7 @@ class Grammars:
         self._vocab = vocab
         self._limit = limit
         self._tokenizer: Any = None
-        self._compiled: OrderedDict[str, Compiled] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str, str], Compiled] = OrderedDict()
 
     def compile(
         self, constraint: OutputConstraint, request_id: RequestId | None = None
@@ -105,25 +107,27 @@ class Grammars:
         from llguidance import LLMatcher
 
         rid = request_id
+        key = (constraint.kind, constraint.source)
+        found = self._compiled.get(key)
+        if found is not None:
+            self._compiled.move_to_end(key)
+            return found
         try:
             grammar = grammar_text(constraint)
         except Exception as exc:
             raise InvalidRequest(
                 f"{constraint.field}: {_short(str(exc))}", request_id=rid
             ) from None
-        found = self._compiled.get(grammar)
-        if found is not None:
-            self._compiled.move_to_end(grammar)
-            return found
         tokenizer = self._ll_tokenizer(rid)
         try:
-            error = LLMatcher.validate_grammar(grammar, tokenizer)
+            matcher = LLMatcher(tokenizer, grammar, log_level=0)
+            error = matcher.get_error() if matcher.is_error() else ""
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         if error:
             raise InvalidRequest(f"{constraint.field}: {_short(error)}", request_id=rid)
-        compiled = Compiled(grammar, tokenizer, self._vocab)
-        self._compiled[grammar] = compiled
+        compiled = Compiled(matcher, self._vocab)
+        self._compiled[key] = compiled
         while len(self._compiled) > self._limit:
             self._compiled.popitem(last=False)
         return compiled
@@ -163,9 +167,8 @@ class ConstraintProcessor:
 
     def __init__(self, compiled: Compiled, prompt_tokens: int) -> None:
         import llguidance.numpy as lln
-        from llguidance import LLMatcher
 
-        self.matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
+        self.matcher = compiled.matcher.deep_copy()
         self.vocab = compiled.vocab  # the width llguidance fills a bitmask row to
         self._prompt = prompt_tokens
         self._consumed = 0
