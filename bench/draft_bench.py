@@ -5,8 +5,9 @@
 
 Random weights make no real draft, so the two ends are measured: a draft
 that always agrees (the target itself: every proposal accepted) and one
-that almost never does (OTHER_DIR, another random model with the same
-tokenizer). One ``supervisor.Worker`` per configuration, one stream at a
+that need not (OTHER_DIR, another random model with the same tokenizer: the
+fixture's other seed agreed on none, the 0.6B shape under the 4B on 75%,
+docs/benchmarks.md). One ``supervisor.Worker`` per configuration, one stream at a
 time (the solo lane, where the draft is used), greedy: decode tok/s (the
 worker's ``generation_tps``, median of ``--rounds``) and the share of tokens
 the draft proposed and the model accepted. Prints JSON.

@@ -16,7 +16,6 @@ it to ``--out`` after every section).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
+from report import emit, save  # this folder, run as a script
 
 from supervisor import Worker, WorkerCrashed
 
@@ -86,15 +86,17 @@ def kill_mid_stream(command: list[str], model: str, rank: int) -> dict[str, Any]
         pids = [r.pid for r in sharding.ranks]
         it = iter(w.generate(PROMPT, max_tokens=1_000_000))
         next(it)
-        killed = time.monotonic()
-        os.kill(pids[rank], signal.SIGKILL)
-        try:
-            for _ in it:
-                pass
-        except WorkerCrashed as exc:
-            out["to_error_s"] = round(time.monotonic() - killed, 3)
-            out["error"] = {"rank": exc.rank, "exit_code": exc.exit_code}
-        out["to_all_gone_s"] = round(gone_after(pids, killed), 3)
+        with ThreadPoolExecutor(1) as watch:
+            killed = time.monotonic()
+            os.kill(pids[rank], signal.SIGKILL)
+            gone = watch.submit(gone_after, pids, killed)  # from the kill, not after the stream
+            try:
+                for _ in it:
+                    pass
+            except WorkerCrashed as exc:
+                out["to_error_s"] = round(time.monotonic() - killed, 3)
+                out["error"] = {"rank": exc.rank, "exit_code": exc.exit_code}
+            out["to_all_gone_s"] = round(gone.result(), 3)
     return out
 
 
@@ -122,19 +124,13 @@ def main() -> None:
     sharded = [*base, "--ranks", str(args.ranks), "--backend", args.backend]
     concurrency = [int(k) for k in args.concurrency.split(",") if k]
     result: dict[str, Any] = {"ranks": args.ranks, "backend": args.backend, "tokens": args.tokens}
-
-    def save() -> None:
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-
     result["one_process"] = figures(base, args.model, args.tokens, concurrency)
-    save()
+    save(result, args.out)
     result["sharded"] = figures(sharded, args.model, args.tokens, concurrency)
-    save()
+    save(result, args.out)
     result["failures"] = failures(sharded, args.model)
-    save()
-    sys.stdout.write(json.dumps(result) + "\n")
+    save(result, args.out)
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,22 @@ every row kept on its own processor (``per_row``: the hand-over turned
 off), by turns (each mode first in turn), ROUNDS times, and times the
 constraint's parts; the rate is plain's median step over the mode's, per
 round. Constrained answers that end are checked (``valid`` of
-``structured_bench``).
+``structured_bench``; with its schema, answers run to ``max_tokens``, so
+none usually ends).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import statistics
 import sys
 import time
 from typing import Any
 
-from structured_bench import FORMAT, valid  # this folder, run as a script
+from report import emit  # this folder, run as a script
+from structured_bench import FORMAT, valid
 
 import bridge.engines.constraints as constraints
 import bridge.engines.text.batch_mask as batch_mask
@@ -162,7 +163,6 @@ def main() -> None:
         return Timed(self, prompt)
 
     constraints.Compiled.processor = timed  # type: ignore[method-assign,assignment]
-    batch_mask.BatchMasks = TimedMasks  # type: ignore[misc]
     import bridge.engines.text.decoder as decoder_module
 
     decoder_module.BatchMasks = TimedMasks  # type: ignore[misc]
@@ -212,7 +212,7 @@ def main() -> None:
         ]
         result[mode + "_rate_vs_plain"] = [round(x, 3) for x in rates]
         result[mode + "_rate_vs_plain_median"] = round(statistics.median(rates), 3)
-    sys.stdout.write(json.dumps(result) + "\n")
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ hangs it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,12 +167,18 @@ def test_a_constrained_answer_equals_one_process(
         "additionalProperties": False,
     }
     fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    stopped = 0
     for i, prompt in enumerate(PROMPTS[:2]):
         request = gen(f"js{i}", prompt, max_tokens=64, response_format=fmt)
         want = loaded_worker.request(request)
         got = sharded.request(request)
         assert token_ids(got) == token_ids(want)
         assert got[-1]["finish_reason"] == want[-1]["finish_reason"]
+        if got[-1]["finish_reason"] == "stop":  # both apply it, not only alike
+            answer = json.loads(text_of(got))
+            assert set(answer) == {"n", "s"} and answer["s"] in ("a", "b"), answer
+            stopped += 1
+    assert stopped >= 1
 
 
 # -- cancel -------------------------------------------------------------------------------

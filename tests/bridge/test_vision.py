@@ -35,7 +35,9 @@ MAX_IMAGE_BYTES = 100_000
 LONG_PROMPT = Path(os.__file__).read_text()[:8000]  # about 3,700 tokens, within the 4,096 context
 
 
-def png(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def png(
+    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] | str = (200, 30, 30)
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")
     return buf.getvalue()
@@ -50,6 +52,11 @@ def noise_png(side: int) -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def picture(color: str) -> str:
+    """A 32×32 picture of one ``color``, as a data URL."""
+    return data_url(png((32, 32), color))
 
 
 def image_chat(

@@ -8,24 +8,15 @@ whole prompt (mRoPE). Greedy output with a warm cache equals a cold run.
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.bridge.test_vision import picture
 from tests.bridge.test_vision import tiny_vlm as tiny_vlm  # the session fixture
 from tests.harness import WorkerProcess, token_ids
-
-
-def png(color: str) -> str:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(out, "PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def turn(image: str | None, follow_up: bool = False) -> list[dict[str, Any]]:
@@ -62,7 +53,7 @@ def cold(tiny_vlm: Path) -> Iterator[WorkerProcess]:
 def test_a_second_turn_reuses_the_image_and_answers_as_cold(
     warm: WorkerProcess, cold: WorkerProcess
 ) -> None:
-    red = png("red")
+    red = picture("red")
     warm.request(chat("a", turn(red), cache_key="conv"))
     second = warm.request(chat("b", turn(red, True), cache_key="conv"))
     baseline = cold.request(chat("c", turn(red, True), cache_key="conv"))
@@ -74,10 +65,10 @@ def test_a_second_turn_reuses_the_image_and_answers_as_cold(
 
 
 def test_other_images_do_not_reuse_the_cache(warm: WorkerProcess, cold: WorkerProcess) -> None:
-    warm.request(chat("r", turn(png("green")), cache_key="swap"))
-    other = warm.request(chat("b", turn(png("blue"), True), cache_key="swap"))
+    warm.request(chat("r", turn(picture("green")), cache_key="swap"))
+    other = warm.request(chat("b", turn(picture("blue"), True), cache_key="swap"))
     assert other[-1]["cached_tokens"] == 0
-    assert token_ids(other) == token_ids(cold.request(chat("c", turn(png("blue"), True))))
+    assert token_ids(other) == token_ids(cold.request(chat("c", turn(picture("blue"), True))))
 
 
 def test_a_text_only_conversation_is_cached_too(warm: WorkerProcess, cold: WorkerProcess) -> None:

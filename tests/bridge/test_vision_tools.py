@@ -4,8 +4,8 @@ The tools reach the chat template, earlier calls are rendered the same way
 (their JSON ``arguments`` text decoded to an object), and the answer is
 parsed for calls with mlx-lm's format for the tokenizer, as for a text
 model. The fixture is a copy of the tiny vision model with a Qwen-style
-tools template and an added token whose text is a whole call (which
-``logit_bias`` makes the model write).
+tools template; it has no spare token ids to force a call with, so the
+parser is checked on a known answer.
 """
 
 from __future__ import annotations

@@ -56,8 +56,14 @@ def test_bad_decoding_options_are_refused_before_sending(options: dict[str, obje
     with Worker(env=ENV, cwd=ROOT, start_timeout=120) as worker:
         with pytest.raises(InvalidArgument):
             worker.generate("x", **options)  # type: ignore[call-overload]
+        worker.ping()  # and the worker serves on
+
+
+def test_a_bad_draft_path_is_refused_before_sending() -> None:
+    with Worker(env=ENV, cwd=ROOT, start_timeout=120) as worker:
         with pytest.raises(InvalidArgument):
             worker.load("/m", draft_path="a\0b")
+        worker.ping()
 
 
 def test_the_async_twin_takes_them_too(tiny_model: Path) -> None:
