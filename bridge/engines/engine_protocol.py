@@ -63,7 +63,8 @@ class Prepared:
 
     ``cache_key`` names the prompt-cache slot; ``answer_parser``, when set,
     looks for tool calls in the finished answer (for ``done``); ``output``
-    is the request's constraint and ``constraint`` its compiled grammar;
+    is the output constraint (the request's, or the grammar ``tool_choice``
+    asks for) and ``constraint`` its compiled grammar;
     ``draft_tokens`` how many tokens a loaded draft model proposes a step."""
 
     tokens: tuple[int, ...]

@@ -162,3 +162,24 @@ def test_draft_paths_that_cannot_be_a_draft(tiny_model: Path, tmp_path: Path) ->
         )
         assert missing["code"] == "model_not_found" and missing["error"].startswith("draft_path")
         assert worker.call({"cmd": "load", "id": "ok", "path": str(tiny_model)})["type"] == "loaded"
+
+
+def test_the_kv_budget_leaves_room_for_the_draft(tiny_model: Path) -> None:
+    """--memory-budget covers the model, its draft and the KV caches: the
+    KV budget is what the two models' weights leave of it."""
+    weights = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
+    args = ["--memory-budget", str(2 * weights + 600 * 512)]
+    with WorkerProcess("bridge", args) as worker:
+        loaded = worker.call(
+            {
+                "cmd": "load",
+                "id": "l",
+                "path": str(tiny_model),
+                "draft_path": str(tiny_model),
+                "force": True,
+            }
+        )
+        assert loaded["type"] == "loaded", loaded
+        assert worker.request(gen("g", PROMPTS[0]))[-1]["type"] == "done"
+        info = worker.call({"cmd": "info", "id": "i"})
+        assert info["batch"]["kv_budget_bytes"] == 600 * 512

@@ -15,8 +15,10 @@ So a :class:`TextDecoder` has two lanes and moves sequences between them:
 A move never changes a sequence's tokens. Both lanes compute one token
 ahead, and when token *k* has been handed out the sequence's KV cache holds
 every token up to and including *k*. A move closes the old lane, trims the
-cache by one token and feeds token *k* again in the new lane, which then
-computes token *k + 1* as the old lane had (greedy output is identical:
+cache to the tokens before *k* and feeds what it does not hold again in the
+new lane (token *k*; after speculative decoding, whose cache may hold one
+token fewer, the one before it too), which then computes token *k + 1* as
+the old lane had (greedy output is identical:
 ``tests/bridge/test_batching.py``). A seeded sampler draws its key by token
 position (:mod:`bridge.engines.mlx.sampling`), so it is told where the
 sequence is.

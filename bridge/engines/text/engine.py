@@ -183,16 +183,18 @@ class MlxLmEngine:
         except Exception as exc:
             raise LoadFailed(f"{request.path}: {type(exc).__name__}: {exc}") from None
         facts = model_facts(model, config, path=str(directory), context_len=request.context_len)
-        kv = KvShape(
-            bytes_per_token=-(-kv_cache_bytes(files.config, files.weights, 1) // parts),
-            budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
-        )
         draft = None
         if files.draft is not None:
             draft = load_draft(
                 files.draft, tokenizer, trust_remote_code=trust, request_id=request.id
             )
             facts = replace(facts, draft=str(files.draft.directory))
+            needed += files.draft.weights_bytes  # the draft's weights are this process's too
+        # after the draft is in memory: the KV caches get what is left beside both
+        kv = KvShape(
+            bytes_per_token=-(-kv_cache_bytes(files.config, files.weights, 1) // parts),
+            budget=kv_budget(self._memory_budget, weights=needed, share=KV_SHARE),
+        )
         grammars = Grammars(tokenizer, facts.vocab_size)
         self._loaded = _Loaded(
             model, tokenizer, facts, needed, request.context_len, kv, grammars, draft

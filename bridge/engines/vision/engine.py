@@ -9,7 +9,9 @@ streams with the same :class:`~bridge.engines.engine_protocol.Step` semantics, s
   runs mlx-vlm's ``prepare_inputs``: the prompt's token ids (each image
   expanded to its image tokens, which count as prompt tokens) plus the pixel
   tensors, kept in a :class:`VisionPrepared`.
-- ``generate`` drives mlx-vlm's ``generate_step`` itself, the way mlx-lm's
+- ``generate`` (the decoder's solo lane, :mod:`bridge.engines.vision.batch`)
+  takes the request's prompt-cache slot and returns how many tokens it held
+  and a generator of steps; it drives mlx-vlm's ``generate_step`` itself, the way mlx-lm's
   ``stream_generate`` drives its own: exactly ``max_tokens`` steps for
   ``length``, and an EOS step (``is_eos``) for ``stop``. mlx-vlm's
   ``stream_generate`` is not used because it offers no hook during prefill
