@@ -34,6 +34,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest, RequestId
@@ -218,10 +219,21 @@ def masked(logits: Any, bitmask: Any) -> Any:
 
     bits = mx.array(bitmask)
     rows, words = bits.shape
-    unpacked = mx.right_shift(bits[:, :, None], mx.arange(32, dtype=mx.int32)) & 1
+    unpacked = mx.right_shift(bits[:, :, None], _bit_positions()) & 1
     allowed = unpacked.reshape(rows, words * 32)[:, : logits.shape[-1]].astype(mx.bool_)
     shape = (rows,) + (1,) * (logits.ndim - 2) + (allowed.shape[-1],)
     return mx.where(allowed.reshape(shape), logits, -mx.inf)
+
+
+@cache
+def _bit_positions() -> Any:
+    """0..31 as int32: the shifts that unpack a bitmask word (evaluated, so
+    that no stream of the thread that made it is needed to use it)."""
+    import mlx.core as mx
+
+    positions = mx.arange(32, dtype=mx.int32)
+    mx.eval(positions)
+    return positions
 
 
 def _short(text: str, limit: int = 500) -> str:

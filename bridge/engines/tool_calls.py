@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from bridge.engines.engine_protocol import ParsedAnswer
+from bridge.engines.constraints import JSON_OPTIONS
+from bridge.engines.engine_protocol import AnswerParser, ParsedAnswer
 from protocol.errors import InvalidRequest
 from protocol.fields import JsonValue
 from protocol.replies import ToolCall
@@ -105,7 +106,7 @@ def tool_format_for(tokenizer: Any, tools: Sequence[object] | None) -> ToolCallF
 
 def answer_parser(
     fmt: ToolCallFormat | None, tools: Sequence[Mapping[str, JsonValue]] | None
-) -> Callable[[str], ParsedAnswer | None] | None:
+) -> AnswerParser | None:
     """Finds tool calls in a finished answer, when the request declared tools
     and mlx-lm knows the model's tool-call format."""
     if fmt is None:
@@ -172,7 +173,7 @@ def required_call(
             }
         )
     schema: dict[str, Any] = choices[0] if len(choices) == 1 else {"anyOf": choices}
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    schema = {**schema, "x-guidance": JSON_OPTIONS}
     added = specials()
     start, end = _marker(fmt.start, added), _marker(fmt.end, added)
     newline = json.dumps("\n")
